@@ -1,0 +1,489 @@
+//! Wire ↔ domain conversion, with validation. Generated types stop here.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use jobplane_proto::pb;
+use uuid::Uuid;
+
+use crate::engine::model::*;
+use crate::engine::{
+    CancelOutcome, EngineError, Outcome, QueueInfo, Report, ReportKind, WorkerHello, WorkerInfo,
+};
+
+/// Largest accepted payload or result.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Most labels per job or worker.
+pub const MAX_LABELS: usize = 32;
+/// Longest label key or value.
+pub const MAX_LABEL_LEN: usize = 128;
+/// Longest idempotency key.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// Largest output chunk.
+pub const MAX_OUTPUT_CHUNK: usize = 64 << 10;
+/// Most jobs per batch submit or multi-wait.
+pub const MAX_BATCH: usize = 10_000;
+/// Longest accepted duration (run timeout, max wait, back-off).
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+type R<T> = Result<T, EngineError>;
+
+fn inv(field: &str, message: impl Into<String>) -> EngineError {
+    EngineError::invalid(field, message)
+}
+
+/// Parses a namespace; empty means `default`.
+pub fn namespace(s: &str, field: &str) -> R<Name> {
+    if s.is_empty() {
+        Ok(Name::default_namespace())
+    } else {
+        Name::parse(s).map_err(|m| inv(field, m))
+    }
+}
+
+/// Parses a required name.
+pub fn name(s: &str, field: &str) -> R<Name> {
+    Name::parse(s).map_err(|m| inv(field, m))
+}
+
+/// Parses a job id.
+pub fn job_id(s: &str, field: &str) -> R<JobId> {
+    if s.is_empty() {
+        return Err(inv(field, "must not be empty"));
+    }
+    Uuid::parse_str(s)
+        .map(JobId)
+        .map_err(|_| inv(field, format!("{s:?} is not a job id (a UUID)")))
+}
+
+/// Parses a duration field.
+pub fn duration(d: Option<&prost_types::Duration>, field: &str) -> R<Option<Duration>> {
+    let Some(d) = d else { return Ok(None) };
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(inv(field, "must not be negative"));
+    }
+    let d = Duration::try_from(*d).map_err(|e| inv(field, e.to_string()))?;
+    if d > MAX_DURATION {
+        return Err(inv(field, "must be at most 366 days"));
+    }
+    Ok(Some(d))
+}
+
+/// A duration as a wire value.
+pub fn pb_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 0,
+    })
+}
+
+/// A timestamp field.
+pub fn timestamp(t: Option<&prost_types::Timestamp>, field: &str) -> R<Option<Timestamp>> {
+    let Some(t) = t else { return Ok(None) };
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(inv(field, "nanos out of range"));
+    }
+    let us = t
+        .seconds
+        .checked_mul(1_000_000)
+        .and_then(|s| s.checked_add(t.nanos as i64 / 1000))
+        .ok_or_else(|| inv(field, "out of range"))?;
+    Ok(Some(Timestamp(us)))
+}
+
+/// A timestamp as a wire value.
+pub fn pb_timestamp(t: Timestamp) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.0.div_euclid(1_000_000),
+        nanos: (t.0.rem_euclid(1_000_000) * 1000) as i32,
+    }
+}
+
+/// Parses a job state; UNSPECIFIED is rejected.
+pub fn state(v: i32, field: &str) -> R<JobState> {
+    match pb::JobState::try_from(v) {
+        Ok(pb::JobState::Queued) => Ok(JobState::Queued),
+        Ok(pb::JobState::Leased) => Ok(JobState::Leased),
+        Ok(pb::JobState::Running) => Ok(JobState::Running),
+        Ok(pb::JobState::Succeeded) => Ok(JobState::Succeeded),
+        Ok(pb::JobState::Failed) => Ok(JobState::Failed),
+        Ok(pb::JobState::Cancelled) => Ok(JobState::Cancelled),
+        Ok(pb::JobState::TimedOut) => Ok(JobState::TimedOut),
+        Ok(pb::JobState::Expired) => Ok(JobState::Expired),
+        Ok(pb::JobState::Unspecified) => Err(inv(field, "JOB_STATE_UNSPECIFIED is not a state")),
+        Err(_) => Err(inv(field, format!("unknown job state {v}"))),
+    }
+}
+
+/// A job state as a wire value.
+pub fn pb_state(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Leased => pb::JobState::Leased,
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+        JobState::TimedOut => pb::JobState::TimedOut,
+        JobState::Expired => pb::JobState::Expired,
+    }
+}
+
+/// Validates labels.
+pub fn labels(
+    map: std::collections::HashMap<String, String>,
+    field: &str,
+) -> R<BTreeMap<String, String>> {
+    if map.len() > MAX_LABELS {
+        return Err(inv(field, format!("at most {MAX_LABELS} labels")));
+    }
+    for (k, v) in &map {
+        if k.is_empty() || k.len() > MAX_LABEL_LEN {
+            return Err(inv(
+                &format!("{field}[{k:?}]"),
+                format!("label keys must be 1-{MAX_LABEL_LEN} bytes"),
+            ));
+        }
+        if v.len() > MAX_LABEL_LEN {
+            return Err(inv(
+                &format!("{field}[{k:?}]"),
+                format!("label values must be at most {MAX_LABEL_LEN} bytes"),
+            ));
+        }
+    }
+    Ok(map.into_iter().collect())
+}
+
+/// Validates a retry policy.
+pub fn retry_policy(p: Option<pb::RetryPolicy>, field: &str) -> R<Option<RetryPolicy>> {
+    let Some(p) = p else { return Ok(None) };
+    let d = RetryPolicy::default();
+    if p.max_retries > 1000 {
+        return Err(inv(&format!("{field}.max_retries"), "must be at most 1000"));
+    }
+    let multiplier = if p.multiplier == 0.0 { d.multiplier } else { p.multiplier };
+    if !(1.0..=100.0).contains(&multiplier) {
+        return Err(inv(&format!("{field}.multiplier"), "must be between 1 and 100"));
+    }
+    let initial = duration(p.initial_backoff.as_ref(), &format!("{field}.initial_backoff"))?
+        .unwrap_or(d.initial_backoff);
+    let max = duration(p.max_backoff.as_ref(), &format!("{field}.max_backoff"))?
+        .unwrap_or(d.max_backoff.max(initial));
+    if max < initial {
+        return Err(inv(
+            &format!("{field}.max_backoff"),
+            "must not be below initial_backoff",
+        ));
+    }
+    Ok(Some(RetryPolicy {
+        max_retries: p.max_retries,
+        initial_backoff: initial,
+        max_backoff: max,
+        multiplier,
+    }))
+}
+
+/// A retry policy as a wire value.
+pub fn pb_retry_policy(p: &RetryPolicy) -> pb::RetryPolicy {
+    pb::RetryPolicy {
+        max_retries: p.max_retries,
+        initial_backoff: Some(pb_duration(p.initial_backoff)),
+        max_backoff: Some(pb_duration(p.max_backoff)),
+        multiplier: p.multiplier,
+    }
+}
+
+/// Validates a job spec; `f` is the field path of the spec (`spec`, `specs[3]`).
+pub fn spec(s: Option<pb::JobSpec>, f: &str) -> R<JobSpec> {
+    let s = s.ok_or_else(|| inv(f, "is required"))?;
+    if s.payload.len() > MAX_PAYLOAD {
+        return Err(inv(
+            &format!("{f}.payload"),
+            format!("{} bytes is over the limit of {MAX_PAYLOAD}", s.payload.len()),
+        ));
+    }
+    if s.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(inv(
+            &format!("{f}.idempotency_key"),
+            format!("must be at most {MAX_IDEMPOTENCY_KEY} bytes"),
+        ));
+    }
+    let run_timeout = duration(s.run_timeout.as_ref(), &format!("{f}.run_timeout"))?;
+    if run_timeout == Some(Duration::ZERO) {
+        return Err(inv(&format!("{f}.run_timeout"), "must be positive (unset = none)"));
+    }
+    Ok(JobSpec {
+        namespace: namespace(&s.namespace, &format!("{f}.namespace"))?,
+        queue: name(&s.queue, &format!("{f}.queue"))?,
+        payload: s.payload.into(),
+        labels: Arc::new(labels(s.labels, &format!("{f}.labels"))?),
+        priority: s.priority,
+        idempotency_key: (!s.idempotency_key.is_empty()).then_some(s.idempotency_key),
+        run_timeout,
+        max_wait: duration(s.max_wait.as_ref(), &format!("{f}.max_wait"))?,
+        retry_policy: retry_policy(s.retry_policy, &format!("{f}.retry_policy"))?,
+        scheduled_at: timestamp(s.scheduled_at.as_ref(), &format!("{f}.scheduled_at"))?,
+    })
+}
+
+/// A job as a wire value.
+pub fn pb_job(j: &Job) -> pb::Job {
+    pb::Job {
+        id: j.id.to_string(),
+        namespace: j.namespace.to_string(),
+        queue: j.queue.to_string(),
+        payload: j.payload.clone(),
+        labels: j.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        priority: j.priority,
+        idempotency_key: j.idempotency_key.clone().unwrap_or_default(),
+        state: pb_state(j.state) as i32,
+        attempt: j.attempt,
+        retries_used: j.retries_used,
+        retry_policy: Some(pb_retry_policy(&j.retry_policy)),
+        run_timeout: j.run_timeout.map(pb_duration),
+        max_wait: j.max_wait.map(pb_duration),
+        result: j.result.clone().unwrap_or_default(),
+        error: j.error.as_ref().map(pb_error),
+        waiting_for: j.waiting_for.clone(),
+        progress: j.progress,
+        worker_id: j.worker_id.as_ref().map(|w| w.to_string()).unwrap_or_default(),
+        cancel_requested: j.cancel_requested,
+        created_at: Some(pb_timestamp(j.created_at)),
+        scheduled_at: Some(pb_timestamp(j.scheduled_at)),
+        started_at: j.started_at.map(pb_timestamp),
+        finished_at: j.finished_at.map(pb_timestamp),
+        updated_at: Some(pb_timestamp(j.updated_at)),
+        last_seq: j.last_seq,
+    }
+}
+
+fn pb_error(e: &JobError) -> pb::JobError {
+    pb::JobError {
+        reason: e.reason.clone(),
+        message: e.message.clone(),
+    }
+}
+
+/// An event as a wire value.
+pub fn pb_event(e: &Event) -> pb::JobEvent {
+    let kind = match &e.kind {
+        EventKind::State {
+            from,
+            to,
+            attempt,
+            error,
+            waiting_for,
+        } => pb::job_event::Kind::State(pb::StateChange {
+            from: from.map_or(pb::JobState::Unspecified, pb_state) as i32,
+            to: pb_state(*to) as i32,
+            attempt: *attempt,
+            error: error.as_ref().map(pb_error),
+            result: e.data.clone(),
+            waiting_for: waiting_for.clone(),
+        }),
+        EventKind::Progress {
+            percent,
+            message,
+            attempt,
+        } => pb::job_event::Kind::Progress(pb::Progress {
+            percent: *percent,
+            message: message.clone(),
+            attempt: *attempt,
+        }),
+        EventKind::Output {
+            stream,
+            attempt,
+            truncated,
+        } => pb::job_event::Kind::Output(pb::Output {
+            stream: match stream {
+                OutputStream::Stdout => pb::OutputStream::Stdout,
+                OutputStream::Stderr => pb::OutputStream::Stderr,
+            } as i32,
+            data: e.data.clone(),
+            attempt: *attempt,
+            truncated: *truncated,
+        }),
+    };
+    pb::JobEvent {
+        seq: e.seq,
+        job_id: e.job_id.to_string(),
+        time: Some(pb_timestamp(e.time)),
+        kind: Some(kind),
+    }
+}
+
+/// What a cancel did, as a wire value.
+pub fn pb_cancel_outcome(o: CancelOutcome) -> pb::CancelOutcome {
+    match o {
+        CancelOutcome::Cancelled => pb::CancelOutcome::Cancelled,
+        CancelOutcome::Requested => pb::CancelOutcome::Requested,
+        CancelOutcome::AlreadyTerminal => pb::CancelOutcome::AlreadyTerminal,
+    }
+}
+
+/// Validates a queue config.
+pub fn queue_config(c: Option<pb::QueueConfig>, f: &str) -> R<QueueConfig> {
+    let c = c.unwrap_or_default();
+    let run = duration(c.default_run_timeout.as_ref(), &format!("{f}.default_run_timeout"))?;
+    if run == Some(Duration::ZERO) {
+        return Err(inv(
+            &format!("{f}.default_run_timeout"),
+            "must be positive (unset = none)",
+        ));
+    }
+    Ok(QueueConfig {
+        max_concurrency: c.max_concurrency,
+        default_run_timeout: run,
+        default_retry_policy: retry_policy(
+            c.default_retry_policy,
+            &format!("{f}.default_retry_policy"),
+        )?,
+        max_depth: c.max_depth,
+        paused: c.paused,
+        default_max_wait: duration(c.default_max_wait.as_ref(), &format!("{f}.default_max_wait"))?,
+    })
+}
+
+/// A queue as a wire value.
+pub fn pb_queue(q: &QueueInfo) -> pb::QueueInfo {
+    pb::QueueInfo {
+        namespace: q.key.namespace.to_string(),
+        name: q.key.name.to_string(),
+        config: Some(pb::QueueConfig {
+            max_concurrency: q.config.max_concurrency,
+            default_run_timeout: q.config.default_run_timeout.map(pb_duration),
+            default_retry_policy: q.config.default_retry_policy.as_ref().map(pb_retry_policy),
+            max_depth: q.config.max_depth,
+            paused: q.config.paused,
+            default_max_wait: q.config.default_max_wait.map(pb_duration),
+        }),
+        depth: q.depth,
+        running: q.running,
+        oldest_queued_at: q.oldest_queued_at.map(pb_timestamp),
+        workers: q.workers,
+    }
+}
+
+/// A worker as a wire value.
+pub fn pb_worker(w: &WorkerInfo) -> pb::WorkerInfo {
+    pb::WorkerInfo {
+        id: w.id.to_string(),
+        namespace: w.namespace.to_string(),
+        name: w.name.clone(),
+        queues: w.queues.iter().map(|q| q.to_string()).collect(),
+        concurrency: w.concurrency,
+        running: w.running,
+        draining: w.draining,
+        connected: w.connected,
+        labels: w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        lease_expires_at: Some(pb_timestamp(w.lease_expires_at)),
+    }
+}
+
+/// Validates a worker hello.
+pub fn hello(h: pb::WorkerHello) -> R<WorkerHello> {
+    if h.worker_id.is_empty() || h.worker_id.len() > 128 {
+        return Err(inv("hello.worker_id", "must be 1-128 bytes"));
+    }
+    if h.queues.is_empty() {
+        return Err(inv("hello.queues", "must name at least one queue"));
+    }
+    if h.queues.len() > 256 {
+        return Err(inv("hello.queues", "at most 256 queues"));
+    }
+    if !(1..=10_000).contains(&h.concurrency) {
+        return Err(inv("hello.concurrency", "must be 1-10000"));
+    }
+    let queues = h
+        .queues
+        .iter()
+        .enumerate()
+        .map(|(i, q)| name(q, &format!("hello.queues[{i}]")))
+        .collect::<R<Vec<_>>>()?;
+    let running = h
+        .running
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Ok((job_id(&r.job_id, &format!("hello.running[{i}].job_id"))?, r.attempt)))
+        .collect::<R<Vec<_>>>()?;
+    Ok(WorkerHello {
+        worker_id: WorkerId(h.worker_id.into()),
+        namespace: namespace(&h.namespace, "hello.namespace")?,
+        queues,
+        concurrency: h.concurrency,
+        labels: labels(h.labels, "hello.labels")?,
+        name: h.name.chars().take(256).collect(),
+        running,
+    })
+}
+
+/// Validates one worker report.
+pub fn report(r: pb::WorkerReport, i: usize) -> R<Report> {
+    let f = format!("reports[{i}]");
+    let job_id = job_id(&r.job_id, &format!("{f}.job_id"))?;
+    let kind = match r.kind {
+        None => return Err(inv(&format!("{f}.kind"), "is required")),
+        Some(pb::worker_report::Kind::Ack(_)) => ReportKind::Ack,
+        Some(pb::worker_report::Kind::Progress(p)) => {
+            if !(0.0..=100.0).contains(&p.percent) {
+                return Err(inv(&format!("{f}.progress.percent"), "must be 0-100"));
+            }
+            ReportKind::Progress {
+                percent: p.percent,
+                message: p.message.chars().take(1024).collect(),
+            }
+        }
+        Some(pb::worker_report::Kind::Output(o)) => {
+            if o.data.len() > MAX_OUTPUT_CHUNK {
+                return Err(inv(
+                    &format!("{f}.output.data"),
+                    format!("chunks must be at most {MAX_OUTPUT_CHUNK} bytes"),
+                ));
+            }
+            let stream = match pb::OutputStream::try_from(o.stream) {
+                Ok(pb::OutputStream::Stdout) => OutputStream::Stdout,
+                Ok(pb::OutputStream::Stderr) => OutputStream::Stderr,
+                _ => return Err(inv(&format!("{f}.output.stream"), "must be STDOUT or STDERR")),
+            };
+            ReportKind::Output {
+                stream,
+                data: Bytes::from(o.data),
+            }
+        }
+        Some(pb::worker_report::Kind::Outcome(o)) => {
+            let outcome = match o.kind {
+                None => return Err(inv(&format!("{f}.outcome.kind"), "is required")),
+                Some(pb::attempt_outcome::Kind::Success(s)) => {
+                    if s.result.len() > MAX_PAYLOAD {
+                        return Err(inv(
+                            &format!("{f}.outcome.success.result"),
+                            format!("must be at most {MAX_PAYLOAD} bytes"),
+                        ));
+                    }
+                    Outcome::Success(Bytes::from(s.result))
+                }
+                Some(pb::attempt_outcome::Kind::Failure(e)) => Outcome::Failure {
+                    message: e.message.chars().take(4096).collect(),
+                    retryable: e.retryable,
+                },
+                Some(pb::attempt_outcome::Kind::Cancelled(_)) => Outcome::Cancelled,
+                Some(pb::attempt_outcome::Kind::RateLimited(rl)) => Outcome::RateLimited {
+                    pool: (!rl.pool.is_empty()).then_some(rl.pool),
+                    retry_after: duration(
+                        rl.retry_after.as_ref(),
+                        &format!("{f}.outcome.rate_limited.retry_after"),
+                    )?
+                    .unwrap_or(Duration::from_secs(1)),
+                },
+            };
+            ReportKind::Outcome(outcome)
+        }
+    };
+    Ok(Report {
+        job_id,
+        attempt: r.attempt,
+        kind,
+    })
+}

@@ -1,0 +1,111 @@
+//! The gRPC surface: `jobplane.v1` services, health checking and reflection. Only this module
+//! knows tonic.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobplane_proto::pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::engine::Engine;
+use crate::ServeError;
+
+mod admin;
+pub mod convert;
+pub mod error;
+mod job;
+mod worker;
+
+/// Largest accepted request message (a batch submit of many jobs).
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// Serves every service on `listener` until `signal` resolves, then shuts down gracefully.
+pub async fn serve(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::job_service_server::JobServiceServer<job::Jobs>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::worker_service_server::WorkerServiceServer<worker::Workers>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::admin_service_server::AdminServiceServer<admin::Admin>>()
+        .await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(jobplane_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Config(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(jobplane_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Config(format!("reflection: {e}")))?;
+
+    let jobs = pb::job_service_server::JobServiceServer::new(job::Jobs::new(engine.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let workers =
+        pb::worker_service_server::WorkerServiceServer::new(worker::Workers::new(engine.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+    let admin = pb::admin_service_server::AdminServiceServer::new(admin::Admin::new(engine));
+
+    let incoming = TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(jobs)
+        .add_service(workers)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(incoming, signal)
+        .await?;
+    Ok(())
+}
+
+/// The caller's gRPC deadline (`grpc-timeout`), if it sent one.
+pub(crate) fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 {
+        return None;
+    }
+    let (num, unit) = v.split_at(v.len() - 1);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeout() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&m), None);
+        m.insert("grpc-timeout", "1500m".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), Some(Duration::from_millis(1500)));
+        m.insert("grpc-timeout", "2S".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), Some(Duration::from_secs(2)));
+        m.insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), None);
+    }
+}

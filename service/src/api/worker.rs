@@ -1,0 +1,215 @@
+//! `jobplane.v1.WorkerService`: one bidirectional stream per worker.
+//!
+//! Inbound messages are handled strictly in order, and each batch of reports is committed before
+//! the next message is read: that is the stream's back-pressure, and it is what guarantees that
+//! output reported before an outcome is committed before it. Outbound, consecutive assignments
+//! are coalesced into one message.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use jobplane_proto::pb;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert;
+use super::error::{invalid, to_status};
+use crate::engine::{Engine, ToWorker};
+
+/// Most assignments coalesced into one message.
+const MAX_ASSIGNMENTS_PER_MESSAGE: usize = 512;
+
+pub(crate) struct Workers {
+    engine: Arc<Engine>,
+}
+
+impl Workers {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Workers { engine }
+    }
+}
+
+fn assignment(job: &crate::engine::model::Job) -> pb::Assignment {
+    pb::Assignment {
+        job_id: job.id.to_string(),
+        attempt: job.attempt,
+        queue: job.queue.to_string(),
+        payload: job.payload.clone(),
+        labels: job
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        run_timeout: job.run_timeout.map(convert::pb_duration),
+        priority: job.priority,
+        traceparent: String::new(),
+    }
+}
+
+fn message(m: ToWorker) -> pb::ConnectResponse {
+    use pb::connect_response::Msg;
+    let msg = match m {
+        ToWorker::Welcome {
+            worker_id,
+            lease_ttl,
+            heartbeat_interval,
+            kept,
+        } => Msg::Welcome(pb::Welcome {
+            worker_id: worker_id.to_string(),
+            lease_ttl: Some(convert::pb_duration(lease_ttl)),
+            heartbeat_interval: Some(convert::pb_duration(heartbeat_interval)),
+            kept: kept
+                .into_iter()
+                .map(|(id, attempt)| pb::AttemptRef {
+                    job_id: id.to_string(),
+                    attempt,
+                })
+                .collect(),
+        }),
+        ToWorker::Assign(job) => Msg::Assignments(pb::Assignments {
+            assignments: vec![assignment(&job)],
+        }),
+        ToWorker::Cancel {
+            job_id,
+            attempt,
+            grace,
+            reason,
+        } => Msg::Cancel(pb::CancelAttempt {
+            job_id: job_id.to_string(),
+            attempt,
+            grace: Some(convert::pb_duration(grace)),
+            reason,
+        }),
+        ToWorker::Rejected {
+            job_id,
+            attempt,
+            reason,
+        } => Msg::Rejected(pb::ReportRejected {
+            job_id: job_id.to_string(),
+            attempt,
+            reason: reason.to_string(),
+        }),
+        ToWorker::Accepted {
+            job_id,
+            attempt,
+            state,
+        } => Msg::Accepted(pb::OutcomeAccepted {
+            job_id: job_id.to_string(),
+            attempt,
+            state: convert::pb_state(state) as i32,
+        }),
+        ToWorker::Drained => Msg::Drained(pb::Drained {}),
+    };
+    pb::ConnectResponse { msg: Some(msg) }
+}
+
+type ConnectStream = Pin<Box<dyn Stream<Item = Result<pb::ConnectResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::worker_service_server::WorkerService for Workers {
+    type ConnectStream = ConnectStream;
+
+    async fn connect(
+        &self,
+        req: Request<Streaming<pb::ConnectRequest>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| invalid("msg", "the stream ended before hello"))?;
+        let hello = match first.msg {
+            Some(pb::connect_request::Msg::Hello(h)) => convert::hello(h).map_err(to_status)?,
+            _ => return Err(invalid("msg", "the first message must be hello")),
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let session = self.engine.connect_worker(hello, tx).map_err(to_status)?;
+        tracing::info!(worker = %session.worker_id, session = session.session, "worker connected");
+
+        let engine = self.engine.clone();
+        let s = session.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(worker = %s.worker_id, error = %e, "worker stream error");
+                        break;
+                    }
+                };
+                match msg.msg {
+                    Some(pb::connect_request::Msg::Reports(r)) => {
+                        let mut reports = Vec::with_capacity(r.reports.len());
+                        for (i, rep) in r.reports.into_iter().enumerate() {
+                            match convert::report(rep, i) {
+                                Ok(rep) => reports.push(rep),
+                                Err(e) => {
+                                    tracing::warn!(worker = %s.worker_id, error = %e, "invalid report dropped");
+                                }
+                            }
+                        }
+                        if let Err(e) = engine.reports(&s, reports).await {
+                            tracing::warn!(worker = %s.worker_id, error = %e, "reports failed");
+                            break;
+                        }
+                    }
+                    Some(pb::connect_request::Msg::Heartbeat(_)) => engine.heartbeat(&s),
+                    Some(pb::connect_request::Msg::Drain(_)) => {
+                        let _ = engine.drain_worker(&s.namespace, &s.worker_id).await;
+                    }
+                    Some(pb::connect_request::Msg::Hello(_)) | None => {
+                        tracing::warn!(worker = %s.worker_id, "unexpected message; closing stream");
+                        break;
+                    }
+                }
+                if !engine.is_current(&s) {
+                    break;
+                }
+            }
+            engine.disconnect_worker(&s);
+            tracing::info!(worker = %s.worker_id, session = s.session, "worker stream ended");
+        });
+
+        let stopping = self.engine.stopping();
+        let outbound = async_stream::stream! {
+            let mut held: Option<ToWorker> = None;
+            loop {
+                let next = match held.take() {
+                    Some(m) => Some(m),
+                    None => tokio::select! {
+                        m = rx.recv() => m,
+                        _ = stopping.cancelled() => {
+                            yield Err(Status::unavailable("the service is shutting down"));
+                            break;
+                        }
+                    },
+                };
+                let Some(m) = next else { break };
+                match m {
+                    ToWorker::Assign(job) => {
+                        let mut batch = vec![assignment(&job)];
+                        while batch.len() < MAX_ASSIGNMENTS_PER_MESSAGE {
+                            match rx.try_recv() {
+                                Ok(ToWorker::Assign(job)) => batch.push(assignment(&job)),
+                                Ok(other) => {
+                                    held = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        yield Ok(pb::ConnectResponse {
+                            msg: Some(pb::connect_response::Msg::Assignments(pb::Assignments {
+                                assignments: batch,
+                            })),
+                        });
+                    }
+                    other => yield Ok(message(other)),
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(outbound)))
+    }
+}

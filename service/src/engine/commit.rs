@@ -1,0 +1,180 @@
+//! Group commit: one task turns everything enqueued while the previous transaction ran into the
+//! next transaction, then carries out the post-commit effects in enqueue order.
+//!
+//! The engine enqueues while it holds its state lock, so the order of writes and effects is the
+//! order of the in-memory changes. Effects (replies, assignments pushed to workers, hub
+//! publications) happen only after their writes are durable: nothing is acknowledged or handed
+//! out before it is committed.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::hub::Hub;
+use super::model::{Event, Job};
+use super::EngineError;
+use super::ToWorker;
+use crate::store::{Store, Write};
+
+/// Writes to commit together and what to do once they are.
+#[derive(Default)]
+pub(crate) struct Outbox {
+    pub writes: Vec<Write>,
+    pub effects: Vec<Effect>,
+}
+
+impl Outbox {
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.effects.is_empty()
+    }
+}
+
+/// Something to do after a commit.
+pub(crate) enum Effect {
+    /// Tell waiters and watchers.
+    Publish {
+        job: Option<Arc<Job>>,
+        events: Vec<Arc<Event>>,
+    },
+    /// Send a message to a worker's stream.
+    ToWorker {
+        tx: mpsc::UnboundedSender<ToWorker>,
+        msg: ToWorker,
+    },
+}
+
+struct Pending {
+    outbox: Outbox,
+    done: Option<oneshot::Sender<Result<(), EngineError>>>,
+}
+
+/// Handle of the commit task.
+#[derive(Clone)]
+pub(crate) struct Committer {
+    tx: mpsc::UnboundedSender<Pending>,
+}
+
+/// Batch statistics, for the benchmark and metrics.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    /// Transactions committed.
+    pub commits: std::sync::atomic::AtomicU64,
+    /// Writes committed.
+    pub writes: std::sync::atomic::AtomicU64,
+}
+
+impl Committer {
+    /// Starts the commit task. `fatal` is cancelled if a commit fails: the in-memory state is
+    /// then ahead of the database, and the service must stop and recover from the database.
+    pub fn start(
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        fatal: CancellationToken,
+        stats: Arc<CommitStats>,
+        max_writes: usize,
+        stop: CancellationToken,
+    ) -> (Committer, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(rx, store, hub, fatal, stats, max_writes, stop));
+        (Committer { tx }, task)
+    }
+
+    /// Enqueues writes and effects; the receiver resolves once they are committed and carried
+    /// out. Call with the engine lock held to keep the order.
+    pub fn enqueue(&self, outbox: Outbox) -> oneshot::Receiver<Result<(), EngineError>> {
+        let (done, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(p)) = self.tx.send(Pending {
+            outbox,
+            done: Some(done),
+        }) {
+            if let Some(done) = p.done {
+                let _ = done.send(Err(EngineError::Unavailable("shutting down".into())));
+            }
+        }
+        rx
+    }
+
+    /// Enqueues without waiting for the outcome.
+    pub fn enqueue_detached(&self, outbox: Outbox) {
+        if outbox.is_empty() {
+            return;
+        }
+        let _ = self.tx.send(Pending { outbox, done: None });
+    }
+}
+
+async fn run(
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    fatal: CancellationToken,
+    stats: Arc<CommitStats>,
+    max_writes: usize,
+    stop: CancellationToken,
+) {
+    let mut batch: Vec<Pending> = Vec::new();
+    let mut writes: Vec<Write> = Vec::new();
+    loop {
+        // `stop` comes after the engine's final flush; anything enqueued later is answered
+        // "unavailable" when its reply sender is dropped.
+        let first = tokio::select! {
+            biased;
+            p = rx.recv() => match p {
+                Some(p) => p,
+                None => break,
+            },
+            _ = stop.cancelled() => break,
+        };
+        batch.push(first);
+        let mut n = batch[0].outbox.writes.len();
+        while n < max_writes {
+            match rx.try_recv() {
+                Ok(p) => {
+                    n += p.outbox.writes.len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        for p in &mut batch {
+            writes.append(&mut p.outbox.writes);
+        }
+        let result = if writes.is_empty() {
+            Ok(())
+        } else if fatal.is_cancelled() {
+            Err(EngineError::Unavailable("the service is stopping after a database failure".into()))
+        } else {
+            match store.apply(&writes).await {
+                Ok(()) => {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    stats.commits.fetch_add(1, Relaxed);
+                    stats.writes.fetch_add(writes.len() as u64, Relaxed);
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, writes = writes.len(), "commit failed; stopping");
+                    fatal.cancel();
+                    Err(EngineError::Unavailable("the database failed; try again".into()))
+                }
+            }
+        };
+        writes.clear();
+        for p in batch.drain(..) {
+            if result.is_ok() {
+                for effect in p.outbox.effects {
+                    match effect {
+                        Effect::Publish { job, events } => hub.publish(job.as_ref(), &events),
+                        Effect::ToWorker { tx, msg } => {
+                            // A closed stream means the worker is gone; its lease handles it.
+                            let _ = tx.send(msg);
+                        }
+                    }
+                }
+            }
+            if let Some(done) = p.done {
+                let _ = done.send(result.clone());
+            }
+        }
+    }
+}

@@ -1,0 +1,1438 @@
+//! The engine's in-memory state and every change to it.
+//!
+//! `Core` is only touched under the engine's lock. Each operation changes memory through
+//! [`Core::apply`] (the one door to the state machine) and records the writes and post-commit
+//! effects in an [`Outbox`]; the engine hands that to the committer before releasing the lock.
+//! Dispatch is event driven: whatever can free or fill a slot marks the queue dirty, and
+//! [`Core::settle`] dispatches dirty queues before the operation returns.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::commit::{Effect, Outbox};
+use super::model::*;
+use super::state::{transition, InvalidTransition, Trigger};
+use super::timers::{Timer, TimerKey, Timers};
+use super::{
+    CancelOutcome, EngineConfig, EngineError, Outcome, QueueInfo, Report, ReportKind, ToWorker,
+    WorkerHello, WorkerInfo, WorkerSession,
+};
+use crate::store::{Recovered, Write};
+
+/// Position of a ready job in its queue: higher priority first, then first in, first out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct ReadyKey {
+    neg_priority: i64,
+    seq: u64,
+    id: JobId,
+}
+
+/// An active (non-terminal) job.
+struct Active {
+    job: Arc<Job>,
+    ready: Option<ReadyKey>,
+    state_timer: Option<TimerKey>,
+    wait_timer: Option<TimerKey>,
+    cancel_timer: Option<TimerKey>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    config: QueueConfig,
+    ready: BTreeSet<ReadyKey>,
+    /// Jobs in QUEUED, ready or not.
+    queued: u64,
+    /// Jobs LEASED or RUNNING.
+    active: u32,
+    workers: Vec<WorkerId>,
+    rr: usize,
+}
+
+struct WorkerState {
+    id: WorkerId,
+    namespace: Name,
+    name: String,
+    queues: Vec<QueueKey>,
+    concurrency: u32,
+    labels: BTreeMap<String, String>,
+    inflight: HashSet<JobId>,
+    tx: Option<mpsc::UnboundedSender<ToWorker>>,
+    session: u64,
+    lease_expires: Instant,
+    draining: bool,
+}
+
+impl WorkerState {
+    fn has_credit(&self) -> bool {
+        self.tx.is_some() && !self.draining && (self.inflight.len() as u32) < self.concurrency
+    }
+}
+
+/// What a submit produced for one spec.
+pub(crate) enum Submitted {
+    /// A new job.
+    Created(Arc<Job>),
+    /// The idempotency key matched this job.
+    Existing(JobId),
+}
+
+pub(crate) struct Core {
+    pub config: EngineConfig,
+    jobs: HashMap<JobId, Active>,
+    queues: HashMap<QueueKey, QueueState>,
+    workers: HashMap<WorkerId, WorkerState>,
+    idempotency: HashMap<(Name, String), IdempotencyRecord>,
+    pub timers: Timers,
+    /// Set when a timer earlier than all others was added: the timer task must re-arm.
+    pub timer_rearm: bool,
+    dirty: Vec<QueueKey>,
+    ready_seq: u64,
+    session_seq: u64,
+}
+
+fn log_invalid(e: &InvalidTransition, id: JobId) {
+    tracing::warn!(job = %id, from = %e.from, trigger = ?e.trigger, "rejected invalid transition");
+}
+
+fn rfc3339(t: Timestamp) -> String {
+    let st = std::time::UNIX_EPOCH + Duration::from_micros(t.0.max(0) as u64);
+    humantime::format_rfc3339_millis(st).to_string()
+}
+
+impl Core {
+    pub fn new(config: EngineConfig) -> Self {
+        Core {
+            config,
+            jobs: HashMap::new(),
+            queues: HashMap::new(),
+            workers: HashMap::new(),
+            idempotency: HashMap::new(),
+            timers: Timers::default(),
+            timer_rearm: false,
+            dirty: Vec::new(),
+            ready_seq: 0,
+            session_seq: 0,
+        }
+    }
+
+    fn queue_key(job: &Job) -> QueueKey {
+        QueueKey {
+            namespace: job.namespace.clone(),
+            name: job.queue.clone(),
+        }
+    }
+
+    fn timer(&mut self, at: Instant, t: Timer) -> TimerKey {
+        let (key, earliest) = self.timers.insert(at, t);
+        self.timer_rearm |= earliest;
+        key
+    }
+
+    fn at(&self, now_wall: Timestamp, when: Timestamp) -> Instant {
+        Instant::now() + when.since(now_wall)
+    }
+
+    /// Rebuilds memory from what the store recovered. Leased and running attempts are given
+    /// one worker lease to be claimed by their worker reconnecting; after that they are lost.
+    pub fn recover(&mut self, r: Recovered, now: Timestamp) {
+        for (key, config) in r.queues {
+            self.queues.entry(key).or_default().config = config;
+        }
+        for rec in r.idempotency {
+            self.idempotency
+                .insert((rec.namespace.clone(), rec.key.clone()), rec);
+        }
+        let lease = Instant::now() + self.config.worker_lease_ttl;
+        for job in r.active_jobs {
+            let id = job.id;
+            let qk = Self::queue_key(&job);
+            let q = self.queues.entry(qk.clone()).or_default();
+            match job.state {
+                JobState::Queued => q.queued += 1,
+                JobState::Leased | JobState::Running => q.active += 1,
+                _ => {}
+            }
+            let state = job.state;
+            let worker = job.worker_id.clone();
+            let max_wait_at = (job.attempt == 0)
+                .then(|| job.max_wait.map(|w| job.scheduled_at.add(w)))
+                .flatten();
+            let scheduled_at = job.scheduled_at;
+            self.jobs.insert(
+                id,
+                Active {
+                    job: Arc::new(job),
+                    ready: None,
+                    state_timer: None,
+                    wait_timer: None,
+                    cancel_timer: None,
+                },
+            );
+            match state {
+                JobState::Queued => {
+                    if scheduled_at > now {
+                        let at = self.at(now, scheduled_at);
+                        let k = self.timer(at, Timer::Ready(id));
+                        self.active_mut(id).state_timer = Some(k);
+                    } else {
+                        self.make_ready(id);
+                    }
+                    if let Some(t) = max_wait_at {
+                        let at = self.at(now, t);
+                        let k = self.timer(at, Timer::MaxWait(id));
+                        self.active_mut(id).wait_timer = Some(k);
+                    }
+                }
+                JobState::Leased | JobState::Running => {
+                    let wid = worker.unwrap_or_else(|| WorkerId("unknown".into()));
+                    let w = self.workers.entry(wid.clone()).or_insert_with(|| WorkerState {
+                        id: wid.clone(),
+                        namespace: qk.namespace.clone(),
+                        name: String::new(),
+                        queues: Vec::new(),
+                        concurrency: 0,
+                        labels: BTreeMap::new(),
+                        inflight: HashSet::new(),
+                        tx: None,
+                        session: 0,
+                        lease_expires: lease,
+                        draining: false,
+                    });
+                    w.inflight.insert(id);
+                    w.concurrency = w.inflight.len() as u32;
+                }
+                _ => {}
+            }
+        }
+        let ids: Vec<WorkerId> = self.workers.keys().cloned().collect();
+        for wid in ids {
+            self.timer(lease, Timer::WorkerLease(wid));
+        }
+    }
+
+    fn active_mut(&mut self, id: JobId) -> &mut Active {
+        self.jobs.get_mut(&id).expect("active job")
+    }
+
+    /// The one door to the state machine: applies `trigger` to an active job, lets `edit` fill
+    /// in the details, bumps version and sequence, records the write, the event and its
+    /// publication, and keeps queue and worker bookkeeping in step.
+    fn apply(
+        &mut self,
+        id: JobId,
+        trigger: Trigger,
+        now: Timestamp,
+        out: &mut Outbox,
+        edit: impl FnOnce(&mut Job),
+    ) -> Result<Arc<Job>, InvalidTransition> {
+        let active = self.jobs.get_mut(&id).expect("apply on an active job");
+        let from = active.job.state;
+        let to = match transition(from, trigger) {
+            Ok(to) => to,
+            Err(e) => {
+                log_invalid(&e, id);
+                return Err(e);
+            }
+        };
+        let mut job = (*active.job).clone();
+        let expected_version = job.version;
+        let prev_worker = job.worker_id.clone();
+        job.state = to;
+        edit(&mut job);
+        job.version += 1;
+        job.updated_at = now;
+        job.last_seq += 1;
+        if to.is_terminal() {
+            job.finished_at = Some(now);
+            job.waiting_for.clear();
+        }
+        let event = Event {
+            job_id: id,
+            seq: job.last_seq,
+            time: now,
+            kind: EventKind::State {
+                from: Some(from),
+                to,
+                attempt: job.attempt,
+                error: match to {
+                    JobState::Queued
+                    | JobState::Failed
+                    | JobState::Cancelled
+                    | JobState::TimedOut
+                    | JobState::Expired => job.error.clone(),
+                    JobState::Leased | JobState::Running | JobState::Succeeded => None,
+                },
+                waiting_for: job.waiting_for.clone(),
+            },
+            data: if to == JobState::Succeeded {
+                job.result.clone().unwrap_or_default()
+            } else {
+                Bytes::new()
+            },
+        };
+        tracing::debug!(job = %id, queue = %job.queue, from = %from, to = %to, attempt = job.attempt, "job state change");
+        let job = Arc::new(job);
+        active.job = job.clone();
+        out.writes.push(Write::UpdateJob {
+            job: job.clone(),
+            expected_version,
+        });
+        out.writes.push(Write::Event(event.clone()));
+        out.effects.push(Effect::Publish {
+            job: Some(job.clone()),
+            events: vec![Arc::new(event)],
+        });
+
+        // Bookkeeping that follows from the change.
+        let qk = Self::queue_key(&job);
+        let holds = |s: JobState| matches!(s, JobState::Leased | JobState::Running);
+        if from == JobState::Queued && to != JobState::Queued {
+            let ready = active.ready.take();
+            if let Some(k) = active.wait_timer.take() {
+                self.timers.remove(k);
+            }
+            let q = self.queues.entry(qk.clone()).or_default();
+            q.queued = q.queued.saturating_sub(1);
+            if let Some(r) = ready {
+                q.ready.remove(&r);
+            }
+        }
+        let active = self.jobs.get_mut(&id).expect("active");
+        if from != to {
+            if let Some(k) = active.state_timer.take() {
+                self.timers.remove(k);
+            }
+        }
+        if holds(from) && !holds(to) {
+            let active = self.jobs.get_mut(&id).expect("active");
+            if let Some(k) = active.cancel_timer.take() {
+                self.timers.remove(k);
+            }
+            let q = self.queues.entry(qk.clone()).or_default();
+            q.active = q.active.saturating_sub(1);
+            self.mark_dirty(&qk);
+            if let Some(wid) = prev_worker {
+                self.worker_done(&wid, id);
+            }
+        }
+        if !holds(from) && holds(to) {
+            self.queues.entry(qk.clone()).or_default().active += 1;
+        }
+        if to == JobState::Queued && from != JobState::Queued {
+            self.queues.entry(qk).or_default().queued += 1;
+        }
+        if to.is_terminal() {
+            let active = self.jobs.remove(&id).expect("active");
+            for k in [active.state_timer, active.wait_timer, active.cancel_timer]
+                .into_iter()
+                .flatten()
+            {
+                self.timers.remove(k);
+            }
+        }
+        Ok(job)
+    }
+
+    /// Records a change that is not a state change (progress, output, cancel flag).
+    fn touch(
+        &mut self,
+        id: JobId,
+        now: Timestamp,
+        out: &mut Outbox,
+        edit: impl FnOnce(&mut Job) -> Option<(EventKind, Bytes)>,
+    ) -> Arc<Job> {
+        let active = self.jobs.get_mut(&id).expect("touch on an active job");
+        let mut job = (*active.job).clone();
+        let expected_version = job.version;
+        let event = edit(&mut job);
+        job.version += 1;
+        job.updated_at = now;
+        let mut events = Vec::new();
+        if let Some((kind, data)) = event {
+            job.last_seq += 1;
+            let e = Event {
+                job_id: id,
+                seq: job.last_seq,
+                time: now,
+                kind,
+                data,
+            };
+            out.writes.push(Write::Event(e.clone()));
+            events.push(Arc::new(e));
+        }
+        let job = Arc::new(job);
+        active.job = job.clone();
+        out.writes.push(Write::UpdateJob {
+            job: job.clone(),
+            expected_version,
+        });
+        out.effects.push(Effect::Publish {
+            job: Some(job.clone()),
+            events,
+        });
+        job
+    }
+
+    fn worker_done(&mut self, wid: &WorkerId, id: JobId) {
+        if let Some(w) = self.workers.get_mut(wid) {
+            w.inflight.remove(&id);
+            let queues = w.queues.clone();
+            for q in &queues {
+                self.mark_dirty(q);
+            }
+        }
+    }
+
+    fn mark_dirty(&mut self, qk: &QueueKey) {
+        if !self.dirty.contains(qk) {
+            self.dirty.push(qk.clone());
+        }
+    }
+
+    fn make_ready(&mut self, id: JobId) {
+        self.ready_seq += 1;
+        let seq = self.ready_seq;
+        let active = self.jobs.get_mut(&id).expect("active");
+        let key = ReadyKey {
+            neg_priority: -(active.job.priority as i64),
+            seq,
+            id,
+        };
+        active.ready = Some(key);
+        let qk = Self::queue_key(&active.job);
+        self.queues.entry(qk.clone()).or_default().ready.insert(key);
+        self.mark_dirty(&qk);
+    }
+
+    /// Dispatches every queue something happened to.
+    pub fn settle(&mut self, now: Timestamp, out: &mut Outbox) {
+        while let Some(qk) = self.dirty.pop() {
+            self.dispatch_queue(&qk, now, out);
+        }
+    }
+
+    fn pick_worker(&mut self, qk: &QueueKey) -> Option<WorkerId> {
+        let q = self.queues.get(qk)?;
+        let n = q.workers.len();
+        for i in 0..n {
+            let idx = (q.rr + i) % n;
+            let wid = &q.workers[idx];
+            if self.workers.get(wid).is_some_and(|w| w.has_credit()) {
+                let wid = wid.clone();
+                self.queues.get_mut(qk).expect("queue").rr = (idx + 1) % n;
+                return Some(wid);
+            }
+        }
+        None
+    }
+
+    fn dispatch_queue(&mut self, qk: &QueueKey, now: Timestamp, out: &mut Outbox) {
+        loop {
+            let Some(q) = self.queues.get(qk) else { return };
+            if q.config.paused {
+                return;
+            }
+            if q.config.max_concurrency > 0 && q.active >= q.config.max_concurrency {
+                return;
+            }
+            let Some(&head) = q.ready.first() else { return };
+            let Some(wid) = self.pick_worker(qk) else {
+                return;
+            };
+            let worker = self.workers.get_mut(&wid).expect("worker");
+            worker.inflight.insert(head.id);
+            let tx = worker.tx.clone().expect("worker with credit is connected");
+            let job = match self.apply(head.id, Trigger::Dispatch, now, out, |j| {
+                j.attempt += 1;
+                j.worker_id = Some(wid.clone());
+                j.waiting_for.clear();
+                j.started_at = None;
+                j.progress = 0.0;
+            }) {
+                Ok(job) => job,
+                Err(_) => {
+                    // Unreachable by construction (only QUEUED jobs are ready); keep the books
+                    // straight anyway.
+                    if let Some(w) = self.workers.get_mut(&wid) {
+                        w.inflight.remove(&head.id);
+                    }
+                    if let Some(q) = self.queues.get_mut(qk) {
+                        q.ready.remove(&head);
+                    }
+                    continue;
+                }
+            };
+            let at = Instant::now() + self.config.ack_timeout;
+            let k = self.timer(at, Timer::AckTimeout(job.id, job.attempt));
+            self.active_mut(job.id).state_timer = Some(k);
+            out.effects.push(Effect::ToWorker {
+                tx,
+                msg: ToWorker::Assign(job),
+            });
+        }
+    }
+
+    /// Why a queued job is not running (computed live; the stored value is only a hint).
+    pub fn explain(&self, job: &Job, now: Timestamp) -> String {
+        if job.state != JobState::Queued {
+            return String::new();
+        }
+        if job.scheduled_at > now {
+            return if job.retries_used > 0 || job.error.is_some() {
+                format!("retry_backoff(until={})", rfc3339(job.scheduled_at))
+            } else {
+                format!("scheduled(at={})", rfc3339(job.scheduled_at))
+            };
+        }
+        let qk = Self::queue_key(job);
+        let Some(q) = self.queues.get(&qk) else {
+            return format!("worker(queue={})", job.queue);
+        };
+        if q.config.paused {
+            return format!("queue_paused(queue={})", job.queue);
+        }
+        if q.config.max_concurrency > 0 && q.active >= q.config.max_concurrency {
+            return format!(
+                "queue_slot(queue={}, limit={})",
+                job.queue, q.config.max_concurrency
+            );
+        }
+        let connected = q
+            .workers
+            .iter()
+            .filter_map(|w| self.workers.get(w))
+            .filter(|w| w.tx.is_some() && !w.draining)
+            .count();
+        if connected == 0 {
+            format!("worker(queue={})", job.queue)
+        } else {
+            format!("worker_slot(queue={}, workers={connected})", job.queue)
+        }
+    }
+
+    /// The in-memory view of an active job, if it is active.
+    pub fn active_job(&self, id: JobId) -> Option<Arc<Job>> {
+        self.jobs.get(&id).map(|a| a.job.clone())
+    }
+
+    // ---------------------------------------------------------------- submit
+
+    /// Accepts a batch of validated specs: all or nothing.
+    pub fn submit(
+        &mut self,
+        specs: Vec<JobSpec>,
+        now: Timestamp,
+        out: &mut Outbox,
+    ) -> Result<Vec<Submitted>, EngineError> {
+        // Check everything before changing anything.
+        let mut plan: Vec<Option<JobId>> = Vec::with_capacity(specs.len());
+        let mut digests = Vec::with_capacity(specs.len());
+        let mut new_per_queue: HashMap<QueueKey, u64> = HashMap::new();
+        let mut keys_in_batch: HashMap<(Name, String), (String, usize)> = HashMap::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let digest = spec.idempotency_key.as_ref().map(|_| spec.digest());
+            let mut existing = None;
+            if let (Some(key), Some(d)) = (&spec.idempotency_key, &digest) {
+                let k = (spec.namespace.clone(), key.clone());
+                match self.idempotency.get(&k) {
+                    Some(rec) if rec.expires_at > now => {
+                        if &rec.digest != d {
+                            return Err(EngineError::AlreadyExists {
+                                reason: "IDEMPOTENCY_KEY_REUSED",
+                                message: format!(
+                                    "idempotency key {key:?} was used for job {} with a different spec",
+                                    rec.job_id
+                                ),
+                            });
+                        }
+                        existing = Some(rec.job_id);
+                    }
+                    _ => {
+                        if let Some((d0, _)) = keys_in_batch.get(&k) {
+                            if d0 != d {
+                                return Err(EngineError::AlreadyExists {
+                                    reason: "IDEMPOTENCY_KEY_REUSED",
+                                    message: format!(
+                                        "idempotency key {key:?} appears twice in the batch with different specs"
+                                    ),
+                                });
+                            }
+                        } else {
+                            keys_in_batch.insert(k, (d.clone(), i));
+                        }
+                    }
+                }
+            }
+            if existing.is_none() {
+                *new_per_queue
+                    .entry(QueueKey {
+                        namespace: spec.namespace.clone(),
+                        name: spec.queue.clone(),
+                    })
+                    .or_default() += 1;
+            }
+            plan.push(existing);
+            digests.push(digest);
+        }
+        for (qk, n) in &new_per_queue {
+            if let Some(q) = self.queues.get(qk) {
+                if q.config.max_depth > 0 && q.queued + n > q.config.max_depth {
+                    return Err(EngineError::ResourceExhausted {
+                        reason: "QUEUE_FULL",
+                        message: format!(
+                            "queue {} is full ({} queued, max depth {})",
+                            qk.name, q.queued, q.config.max_depth
+                        ),
+                        retry_after: Duration::from_secs(1),
+                    });
+                }
+            }
+        }
+
+        let mut results = Vec::with_capacity(specs.len());
+        let mut created_keys: HashMap<(Name, String), JobId> = HashMap::new();
+        for ((spec, existing), digest) in specs.into_iter().zip(plan).zip(digests) {
+            if let Some(id) = existing {
+                results.push(Submitted::Existing(id));
+                continue;
+            }
+            if let Some(key) = &spec.idempotency_key {
+                if let Some(id) = created_keys.get(&(spec.namespace.clone(), key.clone())) {
+                    results.push(Submitted::Existing(*id));
+                    continue;
+                }
+            }
+            let job = self.create(spec, digest, now, out);
+            if let Some(key) = &job.idempotency_key {
+                created_keys.insert((job.namespace.clone(), key.clone()), job.id);
+            }
+            results.push(Submitted::Created(job));
+        }
+        self.settle(now, out);
+        // Report the state after dispatch (a job may already be leased in this very commit).
+        Ok(results
+            .into_iter()
+            .map(|r| match r {
+                Submitted::Created(j) => {
+                    Submitted::Created(self.active_job(j.id).unwrap_or(j))
+                }
+                other => other,
+            })
+            .collect())
+    }
+
+    fn create(
+        &mut self,
+        spec: JobSpec,
+        digest: Option<String>,
+        now: Timestamp,
+        out: &mut Outbox,
+    ) -> Arc<Job> {
+        let qk = QueueKey {
+            namespace: spec.namespace.clone(),
+            name: spec.queue.clone(),
+        };
+        let qcfg = self
+            .queues
+            .entry(qk.clone())
+            .or_default()
+            .config
+            .clone();
+        let scheduled_at = spec.scheduled_at.unwrap_or(now).max(now);
+        let id = JobId::new();
+        let job = Job {
+            id,
+            namespace: spec.namespace,
+            queue: spec.queue,
+            payload: spec.payload,
+            labels: spec.labels,
+            priority: spec.priority,
+            idempotency_key: spec.idempotency_key,
+            state: JobState::Queued,
+            attempt: 0,
+            retries_used: 0,
+            retry_policy: spec
+                .retry_policy
+                .or(qcfg.default_retry_policy)
+                .unwrap_or_default(),
+            run_timeout: spec.run_timeout.or(qcfg.default_run_timeout),
+            max_wait: spec.max_wait.or(qcfg.default_max_wait),
+            result: None,
+            error: None,
+            waiting_for: if scheduled_at > now {
+                format!("scheduled(at={})", rfc3339(scheduled_at))
+            } else {
+                String::new()
+            },
+            progress: 0.0,
+            worker_id: None,
+            cancel_requested: false,
+            created_at: now,
+            scheduled_at,
+            started_at: None,
+            finished_at: None,
+            updated_at: now,
+            last_seq: 1,
+            version: 1,
+            output_bytes: 0,
+        };
+        let event = Event {
+            job_id: id,
+            seq: 1,
+            time: now,
+            kind: EventKind::State {
+                from: None,
+                to: JobState::Queued,
+                attempt: 0,
+                error: None,
+                waiting_for: job.waiting_for.clone(),
+            },
+            data: Bytes::new(),
+        };
+        let job = Arc::new(job);
+        out.writes.push(Write::InsertJob(job.clone()));
+        out.writes.push(Write::Event(event.clone()));
+        if let (Some(key), Some(digest)) = (&job.idempotency_key, digest) {
+            let rec = IdempotencyRecord {
+                namespace: job.namespace.clone(),
+                key: key.clone(),
+                job_id: id,
+                digest,
+                expires_at: now.add(self.config.idempotency_retention),
+            };
+            self.idempotency
+                .insert((rec.namespace.clone(), rec.key.clone()), rec.clone());
+            out.writes.push(Write::PutIdempotency(rec));
+        }
+        out.effects.push(Effect::Publish {
+            job: Some(job.clone()),
+            events: vec![Arc::new(event)],
+        });
+        self.queues.entry(qk).or_default().queued += 1;
+        self.jobs.insert(
+            id,
+            Active {
+                job: job.clone(),
+                ready: None,
+                state_timer: None,
+                wait_timer: None,
+                cancel_timer: None,
+            },
+        );
+        if scheduled_at > now {
+            let at = self.at(now, scheduled_at);
+            let k = self.timer(at, Timer::Ready(id));
+            self.active_mut(id).state_timer = Some(k);
+        } else {
+            self.make_ready(id);
+        }
+        if let Some(w) = job.max_wait {
+            let at = self.at(now, scheduled_at.add(w));
+            let k = self.timer(at, Timer::MaxWait(id));
+            self.active_mut(id).wait_timer = Some(k);
+        }
+        job
+    }
+
+    /// Whether an idempotency key must be forgotten now.
+    pub fn prune_idempotency(&mut self, now: Timestamp, out: &mut Outbox) {
+        let expired: Vec<(Name, String)> = self
+            .idempotency
+            .iter()
+            .filter(|(_, r)| r.expires_at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (namespace, key) in expired {
+            self.idempotency.remove(&(namespace.clone(), key.clone()));
+            out.writes
+                .push(Write::DeleteIdempotency { namespace, key });
+        }
+    }
+
+    // ---------------------------------------------------------------- cancel
+
+    /// Cancels an active job. `None` means the job is not active (terminal or unknown).
+    pub fn cancel(
+        &mut self,
+        namespace: &Name,
+        id: JobId,
+        grace: Duration,
+        reason: &str,
+        now: Timestamp,
+        out: &mut Outbox,
+    ) -> Option<(Arc<Job>, CancelOutcome)> {
+        let job = self.active_job(id)?;
+        if &job.namespace != namespace {
+            return None;
+        }
+        let message = if reason.is_empty() {
+            "cancelled by a client".to_string()
+        } else {
+            format!("cancelled by a client: {reason}")
+        };
+        let result = match job.state {
+            JobState::Queued => {
+                let job = self
+                    .apply(id, Trigger::Cancel, now, out, |j| {
+                        j.error = Some(JobError::new("CANCELLED", message));
+                    })
+                    .ok()?;
+                (job, CancelOutcome::Cancelled)
+            }
+            JobState::Leased | JobState::Running => {
+                if job.cancel_requested {
+                    return Some((job, CancelOutcome::Requested));
+                }
+                let job = self.touch(id, now, out, |j| {
+                    j.cancel_requested = true;
+                    j.error = Some(JobError::new("CANCELLED", message));
+                    None
+                });
+                self.ask_worker_to_stop(&job, grace, "CANCELLED", out);
+                let at = Instant::now() + grace;
+                let k = self.timer(at, Timer::CancelGrace(id, job.attempt));
+                self.active_mut(id).cancel_timer = Some(k);
+                (job, CancelOutcome::Requested)
+            }
+            JobState::Succeeded
+            | JobState::Failed
+            | JobState::Cancelled
+            | JobState::TimedOut
+            | JobState::Expired => return None,
+        };
+        self.settle(now, out);
+        Some(result)
+    }
+
+    fn ask_worker_to_stop(&self, job: &Job, grace: Duration, reason: &str, out: &mut Outbox) {
+        let Some(wid) = &job.worker_id else { return };
+        if let Some(tx) = self.workers.get(wid).and_then(|w| w.tx.clone()) {
+            out.effects.push(Effect::ToWorker {
+                tx,
+                msg: ToWorker::Cancel {
+                    job_id: job.id,
+                    attempt: job.attempt,
+                    grace,
+                    reason: reason.to_string(),
+                },
+            });
+        }
+    }
+
+    // ---------------------------------------------------------------- attempts ending
+
+    /// Ends the current attempt with a failure: retried under the policy when `retryable` and
+    /// budget is left, otherwise terminal via `final_trigger` (Fail or TimeOut).
+    fn fail_attempt(
+        &mut self,
+        id: JobId,
+        error: JobError,
+        retryable: bool,
+        final_trigger: Trigger,
+        now: Timestamp,
+        out: &mut Outbox,
+    ) -> Option<Arc<Job>> {
+        let job = self.active_job(id)?;
+        if retryable && job.retries_used < job.retry_policy.max_retries {
+            let backoff = job
+                .retry_policy
+                .backoff(job.retries_used + 1, rand::random::<f64>());
+            self.requeue(id, Trigger::Retry, backoff, true, error, now, out)
+        } else {
+            self.apply(id, final_trigger, now, out, |j| j.error = Some(error))
+                .ok()
+        }
+    }
+
+    /// Sends a job back to the queue, after `delay`.
+    #[allow(clippy::too_many_arguments)]
+    fn requeue(
+        &mut self,
+        id: JobId,
+        trigger: Trigger,
+        delay: Duration,
+        counts: bool,
+        error: JobError,
+        now: Timestamp,
+        out: &mut Outbox,
+    ) -> Option<Arc<Job>> {
+        let until = now.add(delay);
+        let job = self
+            .apply(id, trigger, now, out, |j| {
+                if counts {
+                    j.retries_used += 1;
+                }
+                j.error = Some(error);
+                j.worker_id = None;
+                j.cancel_requested = false;
+                j.scheduled_at = until;
+                j.waiting_for = if delay.is_zero() {
+                    String::new()
+                } else {
+                    format!("retry_backoff(until={})", rfc3339(until))
+                };
+            })
+            .ok()?;
+        if delay.is_zero() {
+            self.make_ready(id);
+        } else {
+            let k = self.timer(Instant::now() + delay, Timer::Ready(id));
+            self.active_mut(id).state_timer = Some(k);
+        }
+        Some(job)
+    }
+
+    // ---------------------------------------------------------------- workers
+
+    /// Registers a worker stream (or re-attaches one that reconnects within its lease).
+    pub fn connect_worker(
+        &mut self,
+        hello: WorkerHello,
+        tx: mpsc::UnboundedSender<ToWorker>,
+        now: Timestamp,
+        out: &mut Outbox,
+    ) -> WorkerSession {
+        self.session_seq += 1;
+        let session = self.session_seq;
+        let lease_expires = Instant::now() + self.config.worker_lease_ttl;
+        let queues: Vec<QueueKey> = hello
+            .queues
+            .iter()
+            .map(|q| QueueKey {
+                namespace: hello.namespace.clone(),
+                name: q.clone(),
+            })
+            .collect();
+        let claimed: HashMap<JobId, u32> = hello.running.iter().copied().collect();
+        let mut kept = Vec::new();
+        let mut lost = Vec::new();
+        if let Some(old) = self.workers.get_mut(&hello.worker_id) {
+            for id in old.inflight.iter() {
+                let attempt = self.jobs.get(id).map(|a| a.job.attempt);
+                match (attempt, claimed.get(id)) {
+                    (Some(a), Some(&c)) if a == c => kept.push((*id, a)),
+                    _ => lost.push(*id),
+                }
+            }
+            let old_queues = std::mem::take(&mut old.queues);
+            for q in old_queues {
+                if let Some(qs) = self.queues.get_mut(&q) {
+                    qs.workers.retain(|w| w != &hello.worker_id);
+                }
+            }
+        }
+        let w = self
+            .workers
+            .entry(hello.worker_id.clone())
+            .or_insert_with(|| WorkerState {
+                id: hello.worker_id.clone(),
+                namespace: hello.namespace.clone(),
+                name: String::new(),
+                queues: Vec::new(),
+                concurrency: 0,
+                labels: BTreeMap::new(),
+                inflight: HashSet::new(),
+                tx: None,
+                session: 0,
+                lease_expires,
+                draining: false,
+            });
+        w.namespace = hello.namespace.clone();
+        w.name = hello.name.clone();
+        w.queues = queues.clone();
+        w.concurrency = hello.concurrency;
+        w.labels = hello.labels.clone();
+        w.session = session;
+        w.lease_expires = lease_expires;
+        w.draining = false;
+        // Welcome goes first on the new stream, ahead of any assignment.
+        let _ = tx.send(ToWorker::Welcome {
+            worker_id: hello.worker_id.clone(),
+            lease_ttl: self.config.worker_lease_ttl,
+            heartbeat_interval: self.config.heartbeat_interval,
+            kept: kept.clone(),
+        });
+        w.tx = Some(tx);
+        for q in &queues {
+            let qs = self.queues.entry(q.clone()).or_default();
+            if !qs.workers.contains(&hello.worker_id) {
+                qs.workers.push(hello.worker_id.clone());
+            }
+            self.mark_dirty(q);
+        }
+        self.timer(lease_expires, Timer::WorkerLease(hello.worker_id.clone()));
+        for id in lost {
+            let err = JobError::new(
+                "WORKER_LOST",
+                format!("worker {} reconnected without this attempt", hello.worker_id),
+            );
+            if let Some(w) = self.workers.get_mut(&hello.worker_id) {
+                w.inflight.remove(&id);
+            }
+            self.lose_attempt(id, err, now, out);
+        }
+        self.settle(now, out);
+        WorkerSession {
+            worker_id: hello.worker_id,
+            namespace: hello.namespace,
+            session,
+        }
+    }
+
+    fn lose_attempt(&mut self, id: JobId, err: JobError, now: Timestamp, out: &mut Outbox) {
+        let Some(job) = self.active_job(id) else {
+            return;
+        };
+        if matches!(job.state, JobState::Leased | JobState::Running) {
+            if job.cancel_requested {
+                let _ = self.apply(id, Trigger::Cancel, now, out, |_| {});
+            } else {
+                self.fail_attempt(id, err, true, Trigger::Fail, now, out);
+            }
+        }
+    }
+
+    fn session_ok(&self, s: &WorkerSession) -> bool {
+        self.workers
+            .get(&s.worker_id)
+            .is_some_and(|w| w.session == s.session)
+    }
+
+    /// Renews a worker's lease.
+    pub fn heartbeat(&mut self, s: &WorkerSession) {
+        let ttl = self.config.worker_lease_ttl;
+        if let Some(w) = self.workers.get_mut(&s.worker_id) {
+            if w.session == s.session {
+                w.lease_expires = Instant::now() + ttl;
+            }
+        }
+    }
+
+    /// The worker's stream ended. It keeps its attempts until its lease runs out, unless it has
+    /// none, in which case it is forgotten at once.
+    pub fn disconnect_worker(&mut self, s: &WorkerSession, now: Timestamp, out: &mut Outbox) {
+        let Some(w) = self.workers.get_mut(&s.worker_id) else {
+            return;
+        };
+        if w.session != s.session {
+            return;
+        }
+        w.tx = None;
+        if w.inflight.is_empty() {
+            self.remove_worker(&s.worker_id);
+        }
+        self.settle(now, out);
+    }
+
+    fn remove_worker(&mut self, wid: &WorkerId) -> Option<WorkerState> {
+        let w = self.workers.remove(wid)?;
+        for q in &w.queues {
+            if let Some(qs) = self.queues.get_mut(q) {
+                qs.workers.retain(|x| x != wid);
+                qs.rr = 0;
+            }
+        }
+        Some(w)
+    }
+
+    /// Stops new assignments to a worker.
+    pub fn drain_worker(&mut self, namespace: &Name, wid: &WorkerId, out: &mut Outbox) -> Option<WorkerInfo> {
+        let w = self.workers.get_mut(wid)?;
+        if &w.namespace != namespace {
+            return None;
+        }
+        w.draining = true;
+        if let Some(tx) = &w.tx {
+            out.effects.push(Effect::ToWorker {
+                tx: tx.clone(),
+                msg: ToWorker::Drained,
+            });
+        }
+        Some(self.worker_info(wid).expect("worker"))
+    }
+
+    /// Handles a batch of reports from one worker session, in order.
+    pub fn reports(&mut self, s: &WorkerSession, reports: Vec<Report>, now: Timestamp, out: &mut Outbox) {
+        let Some(w) = self.workers.get_mut(&s.worker_id) else {
+            return;
+        };
+        if w.session != s.session {
+            return;
+        }
+        w.lease_expires = Instant::now() + self.config.worker_lease_ttl;
+        let tx = w.tx.clone();
+        for r in reports {
+            let verdict = self.report(s, r.job_id, r.attempt, r.kind, now, out);
+            if let (Err(reason), Some(tx)) = (verdict, &tx) {
+                out.effects.push(Effect::ToWorker {
+                    tx: tx.clone(),
+                    msg: ToWorker::Rejected {
+                        job_id: r.job_id,
+                        attempt: r.attempt,
+                        reason,
+                    },
+                });
+            }
+        }
+        self.settle(now, out);
+    }
+
+    fn report(
+        &mut self,
+        s: &WorkerSession,
+        id: JobId,
+        attempt: u32,
+        kind: ReportKind,
+        now: Timestamp,
+        out: &mut Outbox,
+    ) -> Result<(), &'static str> {
+        let Some(job) = self.active_job(id) else {
+            return Err("UNKNOWN_JOB");
+        };
+        // Fencing: only the current attempt, on the worker that holds it, may report.
+        if job.attempt != attempt
+            || job.worker_id.as_ref() != Some(&s.worker_id)
+            || job.namespace != s.namespace
+        {
+            return Err("STALE_ATTEMPT");
+        }
+        if !matches!(job.state, JobState::Leased | JobState::Running) {
+            return Err("NOT_RUNNING");
+        }
+        match kind {
+            ReportKind::Ack => {
+                if job.state == JobState::Running {
+                    return Ok(());
+                }
+                let job = self
+                    .apply(id, Trigger::Ack, now, out, |j| j.started_at = Some(now))
+                    .map_err(|_| "NOT_RUNNING")?;
+                if let Some(t) = job.run_timeout {
+                    let k = self.timer(Instant::now() + t, Timer::RunTimeout(id, attempt));
+                    self.active_mut(id).state_timer = Some(k);
+                }
+                Ok(())
+            }
+            ReportKind::Progress { percent, message } => {
+                self.touch(id, now, out, |j| {
+                    j.progress = percent;
+                    Some((
+                        EventKind::Progress {
+                            percent,
+                            message,
+                            attempt,
+                        },
+                        Bytes::new(),
+                    ))
+                });
+                Ok(())
+            }
+            ReportKind::Output { stream, data } => {
+                let max = self.config.max_output_bytes;
+                if job.output_bytes >= max {
+                    return Ok(());
+                }
+                self.touch(id, now, out, |j| {
+                    let room = (max - j.output_bytes) as usize;
+                    let (data, truncated) = if data.len() > room {
+                        (data.slice(..room), true)
+                    } else {
+                        (data, false)
+                    };
+                    // Once the bound is hit, the counter is pinned at the bound so that
+                    // nothing more is recorded, and the chunk carries the marker.
+                    j.output_bytes = if truncated { max } else { j.output_bytes + data.len() as u64 };
+                    Some((
+                        EventKind::Output {
+                            stream,
+                            attempt,
+                            truncated,
+                        },
+                        data,
+                    ))
+                });
+                Ok(())
+            }
+            ReportKind::Outcome(outcome) => {
+                let job = self.end_attempt(id, attempt, outcome, now, out)?;
+                if let Some(tx) = self.workers.get(&s.worker_id).and_then(|w| w.tx.clone()) {
+                    out.effects.push(Effect::ToWorker {
+                        tx,
+                        msg: ToWorker::Accepted {
+                            job_id: id,
+                            attempt,
+                            state: job.state,
+                        },
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn end_attempt(
+        &mut self,
+        id: JobId,
+        attempt: u32,
+        outcome: Outcome,
+        now: Timestamp,
+        out: &mut Outbox,
+    ) -> Result<Arc<Job>, &'static str> {
+        let job = self.active_job(id).ok_or("UNKNOWN_JOB")?;
+        let ended = match outcome {
+            Outcome::Success(result) => self
+                .apply(id, Trigger::Succeed, now, out, |j| {
+                    j.result = Some(result);
+                    j.error = None;
+                    j.progress = 100.0;
+                })
+                .ok(),
+            Outcome::Failure { message, retryable } => self.fail_attempt(
+                id,
+                JobError::new("HANDLER_FAILED", message),
+                retryable,
+                Trigger::Fail,
+                now,
+                out,
+            ),
+            Outcome::Cancelled => {
+                if job.cancel_requested {
+                    self.apply(id, Trigger::Cancel, now, out, |_| {}).ok()
+                } else {
+                    self.fail_attempt(
+                        id,
+                        JobError::new(
+                            "WORKER_CANCELLED",
+                            format!("attempt {attempt} was cancelled by its worker"),
+                        ),
+                        true,
+                        Trigger::Fail,
+                        now,
+                        out,
+                    )
+                }
+            }
+            Outcome::RateLimited { pool, retry_after } => {
+                if job.cancel_requested {
+                    self.apply(id, Trigger::Cancel, now, out, |_| {}).ok()
+                } else {
+                    let what = pool.map(|p| format!(" on pool {p}")).unwrap_or_default();
+                    self.requeue(
+                        id,
+                        Trigger::RateLimited,
+                        retry_after,
+                        false,
+                        JobError::new(
+                            "RATE_LIMITED",
+                            format!("upstream rate limit{what}; retry after {retry_after:?}"),
+                        ),
+                        now,
+                        out,
+                    )
+                }
+            }
+        };
+        ended.ok_or("NOT_RUNNING")
+    }
+
+    // ---------------------------------------------------------------- timers
+
+    /// Fires one timer.
+    pub fn fire(&mut self, timer: Timer, now: Timestamp, out: &mut Outbox) {
+        match timer {
+            Timer::Ready(id) => {
+                let Some(a) = self.jobs.get_mut(&id) else { return };
+                a.state_timer = None;
+                if a.job.state == JobState::Queued && a.ready.is_none() {
+                    self.make_ready(id);
+                }
+            }
+            Timer::MaxWait(id) => {
+                let Some(job) = self.active_job(id) else { return };
+                self.active_mut(id).wait_timer = None;
+                if job.state == JobState::Queued && job.attempt == 0 {
+                    let why = self.explain(&job, now);
+                    let max = job.max_wait.unwrap_or_default();
+                    let _ = self.apply(id, Trigger::Expire, now, out, |j| {
+                        j.error = Some(JobError::new(
+                            "MAX_WAIT_EXPIRED",
+                            format!(
+                                "not dispatched within its max wait of {}; it was waiting for {why}",
+                                humantime::format_duration(max)
+                            ),
+                        ))
+                    });
+                }
+            }
+            Timer::AckTimeout(id, attempt) => {
+                let Some(job) = self.active_job(id) else { return };
+                if job.state == JobState::Leased && job.attempt == attempt {
+                    self.active_mut(id).state_timer = None;
+                    self.ask_worker_to_stop(&job, Duration::ZERO, "ACK_TIMEOUT", out);
+                    // Back to the queue at once, without using the retry budget.
+                    self.requeue(
+                        id,
+                        Trigger::AckTimeout,
+                        Duration::ZERO,
+                        false,
+                        JobError::new(
+                            "ACK_TIMEOUT",
+                            format!("attempt {attempt} was not acknowledged in time"),
+                        ),
+                        now,
+                        out,
+                    );
+                }
+            }
+            Timer::RunTimeout(id, attempt) => {
+                let Some(job) = self.active_job(id) else { return };
+                if job.state == JobState::Running && job.attempt == attempt {
+                    self.active_mut(id).state_timer = None;
+                    self.ask_worker_to_stop(&job, Duration::ZERO, "RUN_TIMEOUT", out);
+                    let t = job.run_timeout.unwrap_or_default();
+                    self.fail_attempt(
+                        id,
+                        JobError::new(
+                            "RUN_TIMEOUT",
+                            format!(
+                                "attempt {attempt} ran past its run timeout of {}",
+                                humantime::format_duration(t)
+                            ),
+                        ),
+                        true,
+                        Trigger::TimeOut,
+                        now,
+                        out,
+                    );
+                }
+            }
+            Timer::CancelGrace(id, attempt) => {
+                let Some(job) = self.active_job(id) else { return };
+                if job.attempt == attempt
+                    && matches!(job.state, JobState::Leased | JobState::Running)
+                {
+                    self.active_mut(id).cancel_timer = None;
+                    let _ = self.apply(id, Trigger::Cancel, now, out, |j| {
+                        if let Some(e) = &mut j.error {
+                            e.message.push_str(" (forced after the grace period)");
+                        }
+                    });
+                }
+            }
+            Timer::WorkerLease(wid) => {
+                let Some(w) = self.workers.get(&wid) else { return };
+                let now_i = Instant::now();
+                if w.lease_expires > now_i {
+                    let at = w.lease_expires;
+                    self.timer(at, Timer::WorkerLease(wid));
+                    return;
+                }
+                tracing::warn!(worker = %wid, attempts = w.inflight.len(), "worker lease expired; worker lost");
+                let w = self.remove_worker(&wid).expect("worker");
+                for id in w.inflight {
+                    let err = JobError::new(
+                        "WORKER_LOST",
+                        format!("worker {wid} stopped heartbeating"),
+                    );
+                    self.lose_attempt(id, err, now, out);
+                }
+            }
+        }
+        self.settle(now, out);
+    }
+
+    // ---------------------------------------------------------------- admin
+
+    /// Replaces a queue's settings.
+    pub fn configure_queue(&mut self, key: QueueKey, config: QueueConfig, now: Timestamp, out: &mut Outbox) -> QueueInfo {
+        out.writes.push(Write::PutQueue {
+            key: key.clone(),
+            config: config.clone(),
+        });
+        self.queues.entry(key.clone()).or_default().config = config;
+        self.mark_dirty(&key);
+        self.settle(now, out);
+        self.queue_info(&key)
+    }
+
+    fn queue_info(&self, key: &QueueKey) -> QueueInfo {
+        let q = self.queues.get(key);
+        let oldest = q.and_then(|q| {
+            q.ready
+                .iter()
+                .filter_map(|r| self.jobs.get(&r.id))
+                .map(|a| a.job.created_at)
+                .min()
+        });
+        QueueInfo {
+            key: key.clone(),
+            config: q.map(|q| q.config.clone()).unwrap_or_default(),
+            depth: q.map_or(0, |q| q.queued),
+            running: q.map_or(0, |q| q.active as u64),
+            oldest_queued_at: oldest,
+            workers: q.map_or(0, |q| {
+                q.workers
+                    .iter()
+                    .filter(|w| self.workers.get(*w).is_some_and(|w| w.tx.is_some()))
+                    .count() as u32
+            }),
+        }
+    }
+
+    /// Every queue of a namespace that is configured or has had jobs since start.
+    pub fn list_queues(&self, namespace: &Name) -> Vec<QueueInfo> {
+        let mut keys: Vec<&QueueKey> = self
+            .queues
+            .keys()
+            .filter(|k| &k.namespace == namespace)
+            .collect();
+        keys.sort();
+        keys.into_iter().map(|k| self.queue_info(k)).collect()
+    }
+
+    fn worker_info(&self, wid: &WorkerId) -> Option<WorkerInfo> {
+        let w = self.workers.get(wid)?;
+        let left = w.lease_expires.saturating_duration_since(Instant::now());
+        Some(WorkerInfo {
+            id: w.id.clone(),
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            queues: w.queues.iter().map(|q| q.name.clone()).collect(),
+            concurrency: w.concurrency,
+            running: w.inflight.len() as u32,
+            draining: w.draining,
+            connected: w.tx.is_some(),
+            labels: w.labels.clone(),
+            lease_expires_at: Timestamp::now().add(left),
+        })
+    }
+
+    /// Workers of a namespace.
+    pub fn list_workers(&self, namespace: &Name) -> Vec<WorkerInfo> {
+        let mut ids: Vec<&WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| &w.namespace == namespace)
+            .map(|w| &w.id)
+            .collect();
+        ids.sort();
+        ids.into_iter().filter_map(|w| self.worker_info(w)).collect()
+    }
+
+    /// Sessions of every connected worker, to end their streams at shutdown.
+    pub fn close_all_workers(&mut self) {
+        for w in self.workers.values_mut() {
+            w.tx = None;
+        }
+    }
+
+    /// Whether a worker session is current (used by the stream handler).
+    pub fn is_current(&self, s: &WorkerSession) -> bool {
+        self.session_ok(s)
+    }
+}

@@ -1,0 +1,102 @@
+//! In-memory fan-out of committed changes to waiters and watchers.
+//!
+//! Only committed data goes through the hub: the committer publishes after each transaction.
+//! A topic exists only while someone subscribes to the job, so the hub costs nothing for jobs
+//! nobody watches, and thousands of waiters cost no database query while nothing changes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{broadcast, watch};
+
+use super::model::{Event, Job, JobId};
+
+/// Capacity of a job's live event channel; a watcher that falls further behind re-reads from
+/// the database.
+const EVENT_CHANNEL_CAPACITY: usize = 1024;
+
+struct Topic {
+    snapshot: watch::Sender<Option<Arc<Job>>>,
+    events: broadcast::Sender<Arc<Event>>,
+    subscribers: usize,
+}
+
+/// Per-job topics of committed snapshots and events.
+#[derive(Default)]
+pub struct Hub {
+    topics: Mutex<HashMap<JobId, Topic>>,
+}
+
+/// A subscription to one job; dropping it unsubscribes.
+pub struct Subscription {
+    hub: Arc<Hub>,
+    id: JobId,
+    /// The newest committed snapshot published since subscribing (None until one is).
+    pub snapshot: watch::Receiver<Option<Arc<Job>>>,
+    /// Committed events published since subscribing.
+    pub events: broadcast::Receiver<Arc<Event>>,
+}
+
+impl Hub {
+    /// Subscribes to a job's changes. Subscribe *before* reading the store, so that nothing
+    /// committed in between is missed.
+    pub fn subscribe(self: &Arc<Self>, id: JobId) -> Subscription {
+        let mut topics = self.topics.lock().expect("hub lock");
+        let topic = topics.entry(id).or_insert_with(|| Topic {
+            snapshot: watch::channel(None).0,
+            events: broadcast::channel(EVENT_CHANNEL_CAPACITY).0,
+            subscribers: 0,
+        });
+        topic.subscribers += 1;
+        Subscription {
+            hub: self.clone(),
+            id,
+            snapshot: topic.snapshot.subscribe(),
+            events: topic.events.subscribe(),
+        }
+    }
+
+    /// Publishes a committed snapshot and events of one job.
+    pub fn publish(&self, job: Option<&Arc<Job>>, events: &[Arc<Event>]) {
+        let id = match (job, events.first()) {
+            (Some(j), _) => j.id,
+            (None, Some(e)) => e.job_id,
+            (None, None) => return,
+        };
+        let topics = self.topics.lock().expect("hub lock");
+        let Some(topic) = topics.get(&id) else {
+            return;
+        };
+        for e in events {
+            // No receiver means every subscriber is gone; nothing to do.
+            let _ = topic.events.send(e.clone());
+        }
+        if let Some(job) = job {
+            topic.snapshot.send_if_modified(|cur| {
+                if cur.as_ref().is_none_or(|c| c.version < job.version) {
+                    *cur = Some(job.clone());
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    /// Number of jobs with subscribers (for tests and metrics).
+    pub fn topics(&self) -> usize {
+        self.topics.lock().expect("hub lock").len()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut topics = self.hub.topics.lock().expect("hub lock");
+        if let Some(t) = topics.get_mut(&self.id) {
+            t.subscribers -= 1;
+            if t.subscribers == 0 {
+                topics.remove(&self.id);
+            }
+        }
+    }
+}

@@ -1,0 +1,749 @@
+//! The engine: job state machine, dispatch, timers, waiters. No tonic, no sqlx.
+//!
+//! State lives in memory for every active job and is written through to the [`Store`] by the
+//! group committer; replies and side effects happen only after the commit. Reads of committed
+//! state (get, list, event replay) go to the store; waits and watches subscribe to the [`Hub`],
+//! which carries committed changes only.
+
+pub mod commit;
+mod core;
+pub mod error;
+pub mod hub;
+pub mod model;
+pub mod state;
+mod timers;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use self::commit::CommitStats;
+use self::commit::{Committer, Outbox};
+use self::core::{Core, Submitted as CoreSubmitted};
+pub use self::error::EngineError;
+use self::hub::Hub;
+use self::model::*;
+use crate::store::Store;
+
+/// Tunables of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// How long a worker has to acknowledge an assignment before it goes back to the queue.
+    pub ack_timeout: Duration,
+    /// A worker that sends nothing for this long is lost.
+    pub worker_lease_ttl: Duration,
+    /// Heartbeat interval suggested to workers (well under the lease).
+    pub heartbeat_interval: Duration,
+    /// Grace period of a cancel when the client names none.
+    pub default_cancel_grace: Duration,
+    /// How long idempotency keys are kept.
+    pub idempotency_retention: Duration,
+    /// Output recorded per job; past it output is truncated with a marker.
+    pub max_output_bytes: u64,
+    /// Most writes in one transaction.
+    pub max_batch_writes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            ack_timeout: Duration::from_secs(10),
+            worker_lease_ttl: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+            default_cancel_grace: Duration::from_secs(10),
+            idempotency_retention: Duration::from_secs(24 * 3600),
+            max_output_bytes: 16 << 20,
+            max_batch_writes: 8192,
+        }
+    }
+}
+
+/// A message to a worker's stream.
+#[derive(Debug, Clone)]
+pub enum ToWorker {
+    /// Answer to hello.
+    Welcome {
+        /// The worker.
+        worker_id: WorkerId,
+        /// Its lease.
+        lease_ttl: Duration,
+        /// Suggested heartbeat interval.
+        heartbeat_interval: Duration,
+        /// Attempts it keeps from an earlier session.
+        kept: Vec<(JobId, u32)>,
+    },
+    /// New work (committed as LEASED).
+    Assign(Arc<Job>),
+    /// Stop an attempt.
+    Cancel {
+        /// Job.
+        job_id: JobId,
+        /// Attempt.
+        attempt: u32,
+        /// Time left.
+        grace: Duration,
+        /// Why.
+        reason: String,
+    },
+    /// A report changed nothing.
+    Rejected {
+        /// Job.
+        job_id: JobId,
+        /// Attempt quoted.
+        attempt: u32,
+        /// Why.
+        reason: &'static str,
+    },
+    /// An outcome was committed.
+    Accepted {
+        /// Job.
+        job_id: JobId,
+        /// Attempt.
+        attempt: u32,
+        /// The job's state after it.
+        state: JobState,
+    },
+    /// No more assignments will come.
+    Drained,
+}
+
+/// A worker's hello, validated.
+#[derive(Debug, Clone)]
+pub struct WorkerHello {
+    /// Id.
+    pub worker_id: WorkerId,
+    /// Namespace.
+    pub namespace: Name,
+    /// Queues served.
+    pub queues: Vec<Name>,
+    /// Concurrency.
+    pub concurrency: u32,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Name.
+    pub name: String,
+    /// Attempts still running from an earlier session.
+    pub running: Vec<(JobId, u32)>,
+}
+
+/// One stream session of a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerSession {
+    /// Worker.
+    pub worker_id: WorkerId,
+    /// Namespace.
+    pub namespace: Name,
+    /// Session number; a newer session of the same worker supersedes this one.
+    pub session: u64,
+}
+
+/// A report about one attempt.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Job.
+    pub job_id: JobId,
+    /// Fencing token.
+    pub attempt: u32,
+    /// What.
+    pub kind: ReportKind,
+}
+
+/// What a report says.
+#[derive(Debug, Clone)]
+pub enum ReportKind {
+    /// Acknowledged; running.
+    Ack,
+    /// Progress.
+    Progress {
+        /// 0–100.
+        percent: f64,
+        /// Message.
+        message: String,
+    },
+    /// Output.
+    Output {
+        /// Stream.
+        stream: OutputStream,
+        /// Bytes.
+        data: Bytes,
+    },
+    /// The attempt ended.
+    Outcome(Outcome),
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// With a result.
+    Success(Bytes),
+    /// With an error.
+    Failure {
+        /// Message.
+        message: String,
+        /// May be retried.
+        retryable: bool,
+    },
+    /// Stopped after a cancel request.
+    Cancelled,
+    /// Hit an upstream rate limit.
+    RateLimited {
+        /// Pool.
+        pool: Option<String>,
+        /// Retry after.
+        retry_after: Duration,
+    },
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// Queued job cancelled.
+    Cancelled,
+    /// Running job: its worker was told.
+    Requested,
+    /// Already terminal.
+    AlreadyTerminal,
+}
+
+/// A queue with live figures.
+#[derive(Debug, Clone)]
+pub struct QueueInfo {
+    /// Queue.
+    pub key: QueueKey,
+    /// Settings.
+    pub config: QueueConfig,
+    /// Jobs queued.
+    pub depth: u64,
+    /// Jobs leased or running.
+    pub running: u64,
+    /// Oldest ready job's submit time.
+    pub oldest_queued_at: Option<Timestamp>,
+    /// Connected workers serving it.
+    pub workers: u32,
+}
+
+/// A worker as seen by the service.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    /// Id.
+    pub id: WorkerId,
+    /// Namespace.
+    pub namespace: Name,
+    /// Name.
+    pub name: String,
+    /// Queues.
+    pub queues: Vec<Name>,
+    /// Concurrency.
+    pub concurrency: u32,
+    /// Attempts running.
+    pub running: u32,
+    /// Draining.
+    pub draining: bool,
+    /// Stream connected.
+    pub connected: bool,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Lease end.
+    pub lease_expires_at: Timestamp,
+}
+
+/// Whether a multi-job wait needs all jobs or any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitMode {
+    /// All.
+    All,
+    /// Any.
+    Any,
+}
+
+/// Result of a submit for one spec.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    /// The job.
+    pub job: Arc<Job>,
+    /// False when an idempotency key matched.
+    pub created: bool,
+}
+
+/// The engine.
+pub struct Engine {
+    core: Mutex<Core>,
+    committer: Committer,
+    hub: Arc<Hub>,
+    store: Arc<dyn Store>,
+    timer_wake: Notify,
+    shutdown: CancellationToken,
+    /// Cancelled when a commit failed: the service must stop.
+    pub fatal: CancellationToken,
+    /// Commit statistics.
+    pub stats: Arc<CommitStats>,
+    config: EngineConfig,
+    committer_stop: CancellationToken,
+}
+
+/// Background tasks of a started engine.
+pub struct EngineTasks {
+    committer: tokio::task::JoinHandle<()>,
+    timers: tokio::task::JoinHandle<()>,
+}
+
+impl EngineTasks {
+    /// Waits for the background tasks after [`Engine::close`].
+    pub async fn join(self) {
+        let _ = self.timers.await;
+        let _ = self.committer.await;
+    }
+}
+
+impl Engine {
+    /// Recovers state from the store and starts the committer and the timer task.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        config: EngineConfig,
+        shutdown: CancellationToken,
+    ) -> Result<(Arc<Engine>, EngineTasks), EngineError> {
+        let recovered = store.recover().await?;
+        let hub = Arc::new(Hub::default());
+        let fatal = CancellationToken::new();
+        let stats = Arc::new(CommitStats::default());
+        let committer_stop = CancellationToken::new();
+        let (committer, committer_task) = Committer::start(
+            store.clone(),
+            hub.clone(),
+            fatal.clone(),
+            stats.clone(),
+            config.max_batch_writes,
+            committer_stop.clone(),
+        );
+        let mut core = Core::new(config.clone());
+        let n = recovered.active_jobs.len();
+        core.recover(recovered, Timestamp::now());
+        tracing::info!(active_jobs = n, "engine recovered");
+        let engine = Arc::new(Engine {
+            core: Mutex::new(core),
+            committer,
+            hub,
+            store,
+            timer_wake: Notify::new(),
+            shutdown,
+            fatal,
+            stats,
+            config,
+            committer_stop,
+        });
+        {
+            // Dispatch what was ready before the restart (to workers that reconnect).
+            let mut core = engine.lock();
+            let mut out = Outbox::default();
+            core.settle(Timestamp::now(), &mut out);
+            engine.committer.enqueue_detached(out);
+        }
+        let timers = tokio::spawn(timer_loop(engine.clone()));
+        Ok((
+            engine,
+            EngineTasks {
+                committer: committer_task,
+                timers,
+            },
+        ))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().expect("engine lock poisoned")
+    }
+
+    /// Runs `f` on the core under the lock, enqueues what it produced, and returns the result
+    /// together with the commit receiver.
+    fn with_core<T>(
+        &self,
+        f: impl FnOnce(&mut Core, Timestamp, &mut Outbox) -> T,
+    ) -> (T, Option<tokio::sync::oneshot::Receiver<Result<(), EngineError>>>) {
+        let mut core = self.lock();
+        let mut out = Outbox::default();
+        let now = Timestamp::now();
+        let t = f(&mut core, now, &mut out);
+        let rearm = std::mem::take(&mut core.timer_rearm);
+        let rx = (!out.is_empty()).then(|| self.committer.enqueue(out));
+        drop(core);
+        if rearm {
+            self.timer_wake.notify_one();
+        }
+        (t, rx)
+    }
+
+    async fn committed(
+        rx: Option<tokio::sync::oneshot::Receiver<Result<(), EngineError>>>,
+    ) -> Result<(), EngineError> {
+        match rx {
+            None => Ok(()),
+            Some(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err(EngineError::Unavailable("shutting down".into()))),
+        }
+    }
+
+    fn check_open(&self) -> Result<(), EngineError> {
+        if self.fatal.is_cancelled() {
+            return Err(EngineError::Unavailable(
+                "the service is stopping after a database failure".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Cancelled when the service begins to shut down.
+    pub fn stopping(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Waits until everything enqueued so far is committed.
+    pub async fn flush(&self) -> Result<(), EngineError> {
+        let rx = self.committer.enqueue(Outbox::default());
+        Self::committed(Some(rx)).await
+    }
+
+    /// Submits validated specs (one transaction); returns once committed.
+    pub async fn submit(&self, specs: Vec<JobSpec>) -> Result<Vec<Submitted>, EngineError> {
+        self.check_open()?;
+        let (res, rx) = self.with_core(|core, now, out| core.submit(specs, now, out));
+        let res = res?;
+        // Also covers idempotent duplicates: their original was enqueued before this point.
+        let rx = rx.unwrap_or_else(|| self.committer.enqueue(Outbox::default()));
+        Self::committed(Some(rx)).await?;
+        let mut out = Vec::with_capacity(res.len());
+        for r in res {
+            match r {
+                CoreSubmitted::Created(job) => out.push(Submitted { job, created: true }),
+                CoreSubmitted::Existing(id) => {
+                    let job = self
+                        .store
+                        .get_job(id)
+                        .await?
+                        .ok_or_else(|| EngineError::job_not_found(id))?;
+                    out.push(Submitted {
+                        job: Arc::new(job),
+                        created: false,
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fills in the live `waiting_for` of a queued job.
+    pub fn explain(&self, mut job: Job) -> Job {
+        if job.state == JobState::Queued {
+            job.waiting_for = self.lock().explain(&job, Timestamp::now());
+        }
+        job
+    }
+
+    /// A job's committed state.
+    pub async fn get(&self, namespace: &Name, id: JobId) -> Result<Job, EngineError> {
+        match self.store.get_job(id).await? {
+            Some(job) if &job.namespace == namespace => Ok(self.explain(job)),
+            _ => Err(EngineError::job_not_found(id)),
+        }
+    }
+
+    /// Lists jobs.
+    pub async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>, EngineError> {
+        let jobs = self.store.list_jobs(filter).await?;
+        Ok(jobs.into_iter().map(|j| self.explain(j)).collect())
+    }
+
+    /// Waits until the jobs reach one of `targets` (any terminal state if empty), per `mode`,
+    /// or until `deadline`. Woken by committed changes only; no polling.
+    pub async fn wait(
+        &self,
+        namespace: &Name,
+        ids: &[JobId],
+        targets: &[JobState],
+        mode: WaitMode,
+        deadline: Instant,
+    ) -> Result<(Vec<(Job, bool)>, bool), EngineError> {
+        let reached =
+            |j: &Job| -> bool { if targets.is_empty() { j.state.is_terminal() } else { targets.contains(&j.state) } };
+        let mut subs = Vec::with_capacity(ids.len());
+        for &id in ids {
+            subs.push(self.hub.subscribe(id));
+        }
+        let mut current: Vec<Arc<Job>> = Vec::with_capacity(ids.len());
+        for &id in ids {
+            match self.store.get_job(id).await? {
+                Some(job) if &job.namespace == namespace => current.push(Arc::new(job)),
+                _ => return Err(EngineError::job_not_found(id)),
+            }
+        }
+        loop {
+            for (cur, sub) in current.iter_mut().zip(subs.iter_mut()) {
+                if let Some(newer) = sub.snapshot.borrow_and_update().as_ref() {
+                    if newer.version > cur.version {
+                        *cur = newer.clone();
+                    }
+                }
+            }
+            let hits = current.iter().filter(|j| reached(j)).count();
+            let done = match mode {
+                WaitMode::All => hits == current.len(),
+                WaitMode::Any => hits > 0 || current.is_empty(),
+            };
+            // A terminal job that is not a target will never become one.
+            let hopeless = current
+                .iter()
+                .any(|j| j.state.is_terminal() && !reached(j))
+                && mode == WaitMode::All
+                || (mode == WaitMode::Any && current.iter().all(|j| j.state.is_terminal() && !reached(j)) && !current.is_empty());
+            if done || hopeless || Instant::now() >= deadline {
+                let jobs = current
+                    .iter()
+                    .map(|j| {
+                        let r = reached(j);
+                        (self.explain((**j).clone()), r)
+                    })
+                    .collect();
+                return Ok((jobs, done));
+            }
+            let changed = futures::future::select_all(
+                subs.iter_mut()
+                    .zip(current.iter())
+                    .filter(|(_, j)| !j.state.is_terminal())
+                    .map(|(s, _)| Box::pin(s.snapshot.changed())),
+            );
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = self.shutdown.cancelled() => {
+                    return Err(EngineError::Unavailable("the service is shutting down".into()));
+                }
+            }
+        }
+    }
+
+    /// Cancels a job.
+    pub async fn cancel(
+        &self,
+        namespace: &Name,
+        id: JobId,
+        grace: Option<Duration>,
+        reason: &str,
+    ) -> Result<(Job, CancelOutcome), EngineError> {
+        self.check_open()?;
+        let grace = grace.unwrap_or(self.config.default_cancel_grace);
+        let (res, rx) =
+            self.with_core(|core, now, out| core.cancel(namespace, id, grace, reason, now, out));
+        Self::committed(rx).await?;
+        match res {
+            Some((job, outcome)) => Ok(((*job).clone(), outcome)),
+            None => {
+                // Not active: terminal, or unknown, or another namespace's.
+                let job = self.get(namespace, id).await?;
+                if job.state.is_terminal() {
+                    Ok((job, CancelOutcome::AlreadyTerminal))
+                } else {
+                    // Became active again between the two looks (cannot happen: terminal is
+                    // final and unknown jobs do not appear); answer with what is committed.
+                    Ok((job, CancelOutcome::Requested))
+                }
+            }
+        }
+    }
+
+    /// A job's events with `seq > from_seq`, then live ones, ending after the terminal event.
+    pub async fn watch(
+        self: &Arc<Self>,
+        namespace: &Name,
+        id: JobId,
+        from_seq: u64,
+    ) -> Result<impl Stream<Item = Result<Arc<Event>, EngineError>> + Send + 'static, EngineError>
+    {
+        let mut sub = self.hub.subscribe(id);
+        let job = match self.store.get_job(id).await? {
+            Some(job) if &job.namespace == namespace => job,
+            _ => return Err(EngineError::job_not_found(id)),
+        };
+        let engine = self.clone();
+        Ok(async_stream::try_stream! {
+            let mut last = from_seq;
+            let mut known = Arc::new(job);
+            loop {
+                // Catch up from the database.
+                loop {
+                    let page = engine.store.events(id, last, 512).await?;
+                    let n = page.len();
+                    for e in page {
+                        last = e.seq;
+                        let terminal = e.is_terminal();
+                        yield Arc::new(e);
+                        if terminal {
+                            return;
+                        }
+                    }
+                    if n < 512 {
+                        break;
+                    }
+                }
+                if let Some(newer) = sub.snapshot.borrow_and_update().as_ref() {
+                    if newer.version > known.version {
+                        known = newer.clone();
+                    }
+                }
+                if known.state.is_terminal() && last >= known.last_seq {
+                    return;
+                }
+                // Live, until a gap or lag sends us back to the database.
+                loop {
+                    let received = tokio::select! {
+                        r = sub.events.recv() => Some(r),
+                        _ = engine.shutdown.cancelled() => None,
+                    };
+                    match received {
+                        Some(Ok(e)) => {
+                            if e.seq <= last {
+                                continue;
+                            }
+                            if e.seq != last + 1 {
+                                break;
+                            }
+                            last = e.seq;
+                            let terminal = e.is_terminal();
+                            yield e;
+                            if terminal {
+                                return;
+                            }
+                        }
+                        Some(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
+                        Some(Err(tokio::sync::broadcast::error::RecvError::Closed)) | None => {
+                            Err(EngineError::Unavailable("the service is shutting down".into()))?;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// Registers a worker stream.
+    pub fn connect_worker(
+        &self,
+        hello: WorkerHello,
+        tx: mpsc::UnboundedSender<ToWorker>,
+    ) -> Result<WorkerSession, EngineError> {
+        self.check_open()?;
+        let (s, rx) = self.with_core(|core, now, out| core.connect_worker(hello, tx, now, out));
+        drop(rx);
+        Ok(s)
+    }
+
+    /// Handles a worker's reports; returns once they are committed (back-pressure per stream).
+    pub async fn reports(&self, s: &WorkerSession, reports: Vec<Report>) -> Result<(), EngineError> {
+        self.check_open()?;
+        let ((), rx) = self.with_core(|core, now, out| core.reports(s, reports, now, out));
+        Self::committed(rx).await
+    }
+
+    /// Renews a worker's lease.
+    pub fn heartbeat(&self, s: &WorkerSession) {
+        self.lock().heartbeat(s);
+    }
+
+    /// The worker's stream ended.
+    pub fn disconnect_worker(&self, s: &WorkerSession) {
+        let ((), rx) = self.with_core(|core, now, out| core.disconnect_worker(s, now, out));
+        drop(rx);
+    }
+
+    /// Drains a worker.
+    pub async fn drain_worker(&self, namespace: &Name, id: &WorkerId) -> Result<WorkerInfo, EngineError> {
+        let (info, rx) = self.with_core(|core, _, out| core.drain_worker(namespace, id, out));
+        Self::committed(rx).await?;
+        info.ok_or_else(|| EngineError::NotFound {
+            reason: "WORKER_NOT_FOUND",
+            what: format!("worker {id}"),
+        })
+    }
+
+    /// Replaces a queue's settings.
+    pub async fn configure_queue(&self, key: QueueKey, config: QueueConfig) -> Result<QueueInfo, EngineError> {
+        self.check_open()?;
+        let (info, rx) = self.with_core(|core, now, out| core.configure_queue(key, config, now, out));
+        Self::committed(rx).await?;
+        Ok(info)
+    }
+
+    /// Queues of a namespace.
+    pub fn list_queues(&self, namespace: &Name) -> Vec<QueueInfo> {
+        self.lock().list_queues(namespace)
+    }
+
+    /// Workers of a namespace.
+    pub fn list_workers(&self, namespace: &Name) -> Vec<WorkerInfo> {
+        self.lock().list_workers(namespace)
+    }
+
+    /// Whether a worker session is still the current one.
+    pub fn is_current(&self, s: &WorkerSession) -> bool {
+        self.lock().is_current(s)
+    }
+
+    /// Ends worker streams and flushes the commit queue; call after the server stopped
+    /// accepting requests.
+    pub async fn close(&self) {
+        self.lock().close_all_workers();
+        let _ = self.flush().await;
+        self.committer_stop.cancel();
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Jobs with subscribers in the hub.
+    pub fn hub_topics(&self) -> usize {
+        self.hub.topics()
+    }
+}
+
+/// Fires timers at their deadlines; sleeps until the earliest one or until woken by a new,
+/// earlier one.
+async fn timer_loop(engine: Arc<Engine>) {
+    let mut last_prune = Instant::now();
+    loop {
+        let next = {
+            let mut core = engine.lock();
+            let mut out = Outbox::default();
+            let now_i = Instant::now();
+            let now = Timestamp::now();
+            while let Some(t) = core.timers.pop_due(now_i) {
+                core.fire(t, now, &mut out);
+            }
+            if now_i.duration_since(last_prune) >= Duration::from_secs(60) {
+                last_prune = now_i;
+                core.prune_idempotency(now, &mut out);
+            }
+            core.timer_rearm = false;
+            engine.committer.enqueue_detached(out);
+            core.timers.next_deadline()
+        };
+        // Idempotency keys are pruned at most once a minute, piggy-backing on this loop; cap the
+        // sleep so that happens even when no other timer is due.
+        let cap = Instant::now() + Duration::from_secs(60);
+        let until = next.map_or(cap, |n| n.min(cap));
+        tokio::select! {
+            _ = engine.timer_wake.notified() => {}
+            _ = tokio::time::sleep_until(until) => {}
+            _ = engine.shutdown.cancelled() => return,
+        }
+    }
+}

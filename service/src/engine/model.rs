@@ -1,0 +1,417 @@
+//! Domain types of the engine: validated, independent of the wire format and of the database.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub use super::state::JobState;
+
+/// A point in time, in microseconds since the Unix epoch (what the database stores).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp(d.as_micros() as i64)
+    }
+
+    /// This time plus a duration.
+    pub fn add(self, d: Duration) -> Self {
+        Timestamp(self.0.saturating_add(d.as_micros().min(i64::MAX as u128) as i64))
+    }
+
+    /// Time from `earlier` to `self`, zero if negative.
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_micros(self.0.saturating_sub(earlier.0).max(0) as u64)
+    }
+}
+
+/// Identifier of a job: a UUIDv7, so ids sort by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct JobId(pub Uuid);
+
+impl JobId {
+    /// A fresh id.
+    pub fn new() -> Self {
+        JobId(Uuid::now_v7())
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Identifier of a worker, chosen by the worker.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WorkerId(pub Arc<str>);
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A validated name (namespace, queue): 1–128 characters of `[A-Za-z0-9_.:-]`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Name(pub Arc<str>);
+
+impl Name {
+    /// Longest accepted name.
+    pub const MAX_LEN: usize = 128;
+
+    /// Validates a name; the error says what is wrong (the caller names the field).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("must not be empty".into());
+        }
+        if s.len() > Self::MAX_LEN {
+            return Err(format!("must be at most {} characters", Self::MAX_LEN));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')))
+        {
+            return Err(format!("contains {c:?}; allowed are A-Z a-z 0-9 _ . : -"));
+        }
+        Ok(Name(s.into()))
+    }
+
+    /// The `default` namespace.
+    pub fn default_namespace() -> Self {
+        Name("default".into())
+    }
+
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A queue is identified by its namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QueueKey {
+    /// Namespace.
+    pub namespace: Name,
+    /// Queue name.
+    pub name: Name,
+}
+
+impl fmt::Display for QueueKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// How failed attempts are retried.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// Back-off before the first retry.
+    pub initial_backoff: Duration,
+    /// Cap on the back-off.
+    pub max_backoff: Duration,
+    /// Growth per retry (>= 1).
+    pub multiplier: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_retries: 3,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(300),
+            multiplier: 2.0,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Back-off before retry number `retry` (1-based), capped, with full jitter in [50%, 100%].
+    pub fn backoff(&self, retry: u32, jitter: f64) -> Duration {
+        let exp = self.multiplier.powi(retry.saturating_sub(1).min(64) as i32);
+        let base = self.initial_backoff.as_secs_f64() * exp;
+        let capped = base.min(self.max_backoff.as_secs_f64());
+        Duration::from_secs_f64(capped * (0.5 + 0.5 * jitter.clamp(0.0, 1.0)))
+    }
+}
+
+/// A queue's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct QueueConfig {
+    /// Max attempts running at once across all workers; 0 = unlimited.
+    pub max_concurrency: u32,
+    /// Default per-attempt run timeout.
+    pub default_run_timeout: Option<Duration>,
+    /// Default retry policy.
+    pub default_retry_policy: Option<RetryPolicy>,
+    /// Max queued jobs; 0 = unlimited.
+    pub max_depth: u64,
+    /// Dispatch nothing while paused.
+    pub paused: bool,
+    /// Default schedule-to-start bound.
+    pub default_max_wait: Option<Duration>,
+}
+
+/// A validated job submission.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    /// Namespace.
+    pub namespace: Name,
+    /// Queue.
+    pub queue: Name,
+    /// Payload.
+    pub payload: Bytes,
+    /// Labels.
+    pub labels: Arc<BTreeMap<String, String>>,
+    /// Priority: higher first.
+    pub priority: i32,
+    /// Idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Per-attempt run timeout (None: the queue default).
+    pub run_timeout: Option<Duration>,
+    /// Schedule-to-start bound (None: the queue default).
+    pub max_wait: Option<Duration>,
+    /// Retry policy (None: the queue default).
+    pub retry_policy: Option<RetryPolicy>,
+    /// Not before.
+    pub scheduled_at: Option<Timestamp>,
+}
+
+impl JobSpec {
+    /// A digest of everything the submitter chose, to tell a retried submit from a different one
+    /// that reuses the idempotency key.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.namespace.as_str());
+        h.update([0]);
+        h.update(self.queue.as_str());
+        h.update([0]);
+        h.update((self.payload.len() as u64).to_le_bytes());
+        h.update(&self.payload);
+        for (k, v) in self.labels.iter() {
+            h.update(k);
+            h.update([0]);
+            h.update(v);
+            h.update([0]);
+        }
+        h.update(self.priority.to_le_bytes());
+        h.update(format!(
+            "{:?}|{:?}|{:?}|{:?}",
+            self.run_timeout, self.max_wait, self.retry_policy, self.scheduled_at
+        ));
+        let out = h.finalize();
+        out.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Why an attempt or job failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    /// Stable reason, e.g. `WORKER_LOST`.
+    pub reason: String,
+    /// Human-readable message.
+    pub message: String,
+}
+
+impl JobError {
+    /// A new error.
+    pub fn new(reason: &str, message: impl Into<String>) -> Self {
+        JobError {
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The full state of one job, as stored. Cheap to clone (shared fields are reference counted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// Id.
+    pub id: JobId,
+    /// Namespace.
+    pub namespace: Name,
+    /// Queue.
+    pub queue: Name,
+    /// Payload.
+    pub payload: Bytes,
+    /// Labels.
+    pub labels: Arc<BTreeMap<String, String>>,
+    /// Priority.
+    pub priority: i32,
+    /// Idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Current state.
+    pub state: JobState,
+    /// Current or last attempt; the fencing token.
+    pub attempt: u32,
+    /// Failures that counted against the retry budget.
+    pub retries_used: u32,
+    /// Effective retry policy.
+    pub retry_policy: RetryPolicy,
+    /// Effective run timeout.
+    pub run_timeout: Option<Duration>,
+    /// Schedule-to-start bound.
+    pub max_wait: Option<Duration>,
+    /// Result once succeeded.
+    pub result: Option<Bytes>,
+    /// Last error.
+    pub error: Option<JobError>,
+    /// Why it waits (QUEUED only).
+    pub waiting_for: String,
+    /// Last progress.
+    pub progress: f64,
+    /// Worker of the current attempt.
+    pub worker_id: Option<WorkerId>,
+    /// A cancel was requested while it ran.
+    pub cancel_requested: bool,
+    /// Submitted at.
+    pub created_at: Timestamp,
+    /// Not before.
+    pub scheduled_at: Timestamp,
+    /// The current or last attempt started at.
+    pub started_at: Option<Timestamp>,
+    /// Reached a terminal state at.
+    pub finished_at: Option<Timestamp>,
+    /// Last change.
+    pub updated_at: Timestamp,
+    /// Newest event's sequence number.
+    pub last_seq: u64,
+    /// Bumped by every persisted change; guards updates.
+    pub version: u64,
+    /// Output bytes recorded so far (for the per-job bound).
+    pub output_bytes: u64,
+}
+
+/// What an event says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventKind {
+    /// A state change.
+    State {
+        /// Before (`None` for the submission).
+        from: Option<JobState>,
+        /// After.
+        to: JobState,
+        /// Attempt.
+        attempt: u32,
+        /// Error, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<JobError>,
+        /// Why it waits, for QUEUED.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        waiting_for: String,
+    },
+    /// Progress.
+    Progress {
+        /// 0–100.
+        percent: f64,
+        /// Message.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        message: String,
+        /// Attempt.
+        attempt: u32,
+    },
+    /// Output; the bytes are in [`Event::data`].
+    Output {
+        /// Which stream.
+        stream: OutputStream,
+        /// Attempt.
+        attempt: u32,
+        /// Marks the end of recorded output: the per-job bound was reached.
+        #[serde(default)]
+        truncated: bool,
+    },
+}
+
+/// Which stream an output chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// One entry of a job's event log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Job.
+    pub job_id: JobId,
+    /// Sequence number, from 1, no gaps.
+    pub seq: u64,
+    /// When.
+    pub time: Timestamp,
+    /// What.
+    pub kind: EventKind,
+    /// Output bytes, or the result for a change to SUCCEEDED.
+    pub data: Bytes,
+}
+
+impl Event {
+    /// Whether this event is the job's terminal state change (always its last event).
+    pub fn is_terminal(&self) -> bool {
+        matches!(&self.kind, EventKind::State { to, .. } if to.is_terminal())
+    }
+}
+
+/// A recorded idempotency key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdempotencyRecord {
+    /// Namespace.
+    pub namespace: Name,
+    /// Key.
+    pub key: String,
+    /// Job it created.
+    pub job_id: JobId,
+    /// Digest of the spec.
+    pub digest: String,
+    /// Forgotten after.
+    pub expires_at: Timestamp,
+}
+
+/// Filters of a job listing.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    /// Namespace.
+    pub namespace: Option<Name>,
+    /// Queue.
+    pub queue: Option<Name>,
+    /// Any of these states.
+    pub states: Vec<JobState>,
+    /// All of these labels.
+    pub labels: BTreeMap<String, String>,
+    /// Created at or after.
+    pub created_after: Option<Timestamp>,
+    /// Created before.
+    pub created_before: Option<Timestamp>,
+    /// Page size.
+    pub limit: u32,
+    /// Continue after this job (listing is newest first, by id).
+    pub before_id: Option<JobId>,
+}

@@ -1,0 +1,131 @@
+//! jobplane server: one gRPC service that owns every job's state in a database.
+//!
+//! - [`engine`]: the state machine, dispatch, timers, waiters (no tonic, no sqlx);
+//! - [`store`]: the storage seam and its SQLite backend (the only place that knows sqlx);
+//! - [`api`]: the tonic services, proto ↔ domain conversion and error mapping.
+//!
+//! [`run`] is the seam tests use: it serves on a listener they bound (`127.0.0.1:0`) until a
+//! shutdown future resolves. [`serve`] is what `jobplane serve` calls.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub mod api;
+pub mod engine;
+pub mod store;
+
+pub use engine::EngineConfig;
+
+/// Settings of `jobplane serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Database URL (`sqlite://PATH`).
+    pub db_url: String,
+    /// Allow listening on a non-loopback address without authentication.
+    pub allow_non_loopback: bool,
+    /// Engine tunables.
+    pub engine: EngineConfig,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7741)),
+            db_url: "sqlite://jobplane.db".into(),
+            allow_non_loopback: false,
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// Why the server could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The configuration is unsafe or invalid.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Binding the listener failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The database failed.
+    #[error("database: {0}")]
+    Store(#[from] store::StoreError),
+    /// The engine failed to start or stopped after a database failure.
+    #[error("engine: {0}")]
+    Engine(#[from] engine::EngineError),
+    /// The gRPC transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Opens the database, binds the address and serves until `shutdown` resolves.
+pub async fn serve(
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    if !config.listen.ip().is_loopback() {
+        if !config.allow_non_loopback {
+            return Err(ServeError::Config(format!(
+                "refusing to listen on non-loopback address {} without authentication; \
+                 pass --allow-insecure-non-loopback to do it anyway",
+                config.listen
+            )));
+        }
+        tracing::warn!(listen = %config.listen, "listening on a non-loopback address without authentication");
+    } else {
+        tracing::warn!("authentication is off (loopback only)");
+    }
+    let store = store::open(&config.db_url).await?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    tracing::info!(listen = %listener.local_addr().map_err(|source| ServeError::Bind { addr: config.listen, source })?, db = %config.db_url, "jobplane serving");
+    run(listener, store, config.engine, shutdown).await
+}
+
+/// Serves the API on `listener` with `store` until `shutdown` resolves, then stops accepting,
+/// ends worker streams, lets in-flight requests finish and flushes the commit queue.
+pub async fn run(
+    listener: TcpListener,
+    store: Arc<dyn store::Store>,
+    config: EngineConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let stop = CancellationToken::new();
+    let (engine, tasks) = engine::Engine::start(store.clone(), config, stop.clone()).await?;
+    let fatal = engine.fatal.clone();
+    let stop2 = stop.clone();
+    let signal = async move {
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutting down"),
+            _ = fatal.cancelled() => tracing::error!("stopping after a database failure"),
+        }
+        stop2.cancel();
+    };
+    let result = api::serve(listener, engine.clone(), signal).await;
+    stop.cancel();
+    engine.close().await;
+    tasks.join().await;
+    store.close().await;
+    if engine.fatal.is_cancelled() {
+        return Err(ServeError::Engine(engine::EngineError::Unavailable(
+            "a commit failed; restart to recover from the database".into(),
+        )));
+    }
+    result
+}

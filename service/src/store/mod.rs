@@ -1,0 +1,128 @@
+//! Durable storage: the [`Store`] trait and its backends.
+//!
+//! The engine keeps the live state of active jobs in memory and writes every change through
+//! [`Store::apply`], which commits a batch of writes in one transaction (the engine's committer
+//! groups concurrent requests into one batch). Reads that must only see committed data (get,
+//! list, event log replay) come from the store. Only this module knows sqlx.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::engine::model::{
+    Event, IdempotencyRecord, Job, JobFilter, JobId, Name, QueueConfig, QueueKey,
+};
+
+pub mod sqlite;
+
+/// A store failure, classified so the engine never inspects a driver error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A guarded write found the row changed by someone else.
+    #[error("conflict on {what}")]
+    Conflict {
+        /// What conflicted.
+        what: String,
+    },
+    /// The database cannot be reached or is failing; retryable.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Data in the database could not be decoded.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    /// The URL or options are wrong.
+    #[error("bad database configuration: {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// One write of a batch. A batch is applied in order, atomically.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// A new job.
+    InsertJob(Arc<Job>),
+    /// A changed job; applies only if the stored version is `expected_version`
+    /// (the new row carries `job.version`).
+    UpdateJob {
+        /// The new state.
+        job: Arc<Job>,
+        /// Version the stored row must have.
+        expected_version: u64,
+    },
+    /// An event of a job's log.
+    Event(Event),
+    /// A new idempotency key.
+    PutIdempotency(IdempotencyRecord),
+    /// Forget an idempotency key (expired).
+    DeleteIdempotency {
+        /// Namespace.
+        namespace: Name,
+        /// Key.
+        key: String,
+    },
+    /// Create or replace a queue's settings.
+    PutQueue {
+        /// The queue.
+        key: QueueKey,
+        /// Its settings.
+        config: QueueConfig,
+    },
+}
+
+/// What the engine loads on start.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Every job not in a terminal state.
+    pub active_jobs: Vec<Job>,
+    /// Every configured queue.
+    pub queues: Vec<(QueueKey, QueueConfig)>,
+    /// Every idempotency key not yet expired.
+    pub idempotency: Vec<IdempotencyRecord>,
+}
+
+/// The storage seam: one implementation per database backend, all passing the same test suite.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Commits the writes in one transaction, in order; all or nothing.
+    async fn apply(&self, writes: &[Write]) -> Result<(), StoreError>;
+
+    /// Loads what the engine needs to resume: active jobs, queues, live idempotency keys.
+    async fn recover(&self) -> Result<Recovered, StoreError>;
+
+    /// A job's committed state.
+    async fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError>;
+
+    /// Jobs matching the filter, newest first.
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError>;
+
+    /// A job's events with `seq > after_seq`, in order, at most `limit`.
+    async fn events(&self, id: JobId, after_seq: u64, limit: u32)
+        -> Result<Vec<Event>, StoreError>;
+
+    /// Checks that the database answers (for health checks).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Closes connections, after the last write.
+    async fn close(&self);
+}
+
+/// Opens the store named by a URL: `sqlite://PATH` (created if missing) or `sqlite::memory:`.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
+    } else {
+        Err(StoreError::Config(format!(
+            "unsupported database URL {url:?}: expected sqlite://PATH"
+        )))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod suite;

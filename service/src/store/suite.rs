@@ -1,0 +1,370 @@
+//! The storage test suite: every backend runs these same tests (see the `#[tokio::test]`s at the
+//! bottom for SQLite). A new backend adds one line per test that opens it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{Store, StoreError, Write};
+use crate::engine::model::*;
+
+fn job(queue: &str, labels: &[(&str, &str)]) -> Job {
+    let now = Timestamp::now();
+    Job {
+        id: JobId::new(),
+        namespace: Name::default_namespace(),
+        queue: Name::parse(queue).unwrap(),
+        payload: Bytes::from_static(b"{\"x\":1}"),
+        labels: Arc::new(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+        ),
+        priority: 0,
+        idempotency_key: None,
+        state: JobState::Queued,
+        attempt: 0,
+        retries_used: 0,
+        retry_policy: RetryPolicy::default(),
+        run_timeout: Some(Duration::from_secs(5)),
+        max_wait: None,
+        result: None,
+        error: None,
+        waiting_for: String::new(),
+        progress: 0.0,
+        worker_id: None,
+        cancel_requested: false,
+        created_at: now,
+        scheduled_at: now,
+        started_at: None,
+        finished_at: None,
+        updated_at: now,
+        last_seq: 1,
+        version: 1,
+        output_bytes: 0,
+    }
+}
+
+fn next(j: &Job, f: impl FnOnce(&mut Job)) -> Job {
+    let mut n = j.clone();
+    f(&mut n);
+    n.version += 1;
+    n
+}
+
+fn state_event(j: &Job, seq: u64, to: JobState) -> Event {
+    Event {
+        job_id: j.id,
+        seq,
+        time: Timestamp::now(),
+        kind: EventKind::State {
+            from: None,
+            to,
+            attempt: j.attempt,
+            error: None,
+            waiting_for: String::new(),
+        },
+        data: Bytes::new(),
+    }
+}
+
+pub async fn round_trip(store: Arc<dyn Store>) {
+    let mut j = job("emails", &[("team", "a")]);
+    j.idempotency_key = Some("k1".into());
+    j.max_wait = Some(Duration::from_millis(1500));
+    store
+        .apply(&[Write::InsertJob(Arc::new(j.clone()))])
+        .await
+        .unwrap();
+    let got = store.get_job(j.id).await.unwrap().unwrap();
+    assert_eq!(got, j);
+    assert!(store.get_job(JobId::new()).await.unwrap().is_none());
+}
+
+pub async fn guarded_update(store: Arc<dyn Store>) {
+    let j = job("q", &[]);
+    store
+        .apply(&[Write::InsertJob(Arc::new(j.clone()))])
+        .await
+        .unwrap();
+    let leased = next(&j, |n| {
+        n.state = JobState::Leased;
+        n.attempt = 1;
+        n.worker_id = Some(WorkerId("w1".into()));
+    });
+    store
+        .apply(&[Write::UpdateJob {
+            job: Arc::new(leased.clone()),
+            expected_version: 1,
+        }])
+        .await
+        .unwrap();
+    // A stale writer loses cleanly and changes nothing.
+    let stale = next(&j, |n| n.state = JobState::Cancelled);
+    let err = store
+        .apply(&[Write::UpdateJob {
+            job: Arc::new(stale),
+            expected_version: 1,
+        }])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+    assert_eq!(store.get_job(j.id).await.unwrap().unwrap(), leased);
+}
+
+pub async fn batch_is_atomic(store: Arc<dyn Store>) {
+    let a = job("q", &[]);
+    let b = job("q", &[]);
+    store
+        .apply(&[Write::InsertJob(Arc::new(a.clone()))])
+        .await
+        .unwrap();
+    let bad = next(&a, |n| n.progress = 50.0);
+    let err = store
+        .apply(&[
+            Write::InsertJob(Arc::new(b.clone())),
+            Write::Event(state_event(&b, 1, JobState::Queued)),
+            Write::UpdateJob {
+                job: Arc::new(bad),
+                expected_version: 7,
+            },
+        ])
+        .await;
+    assert!(err.is_err());
+    assert!(store.get_job(b.id).await.unwrap().is_none());
+    assert!(store.events(b.id, 0, 10).await.unwrap().is_empty());
+}
+
+pub async fn insert_and_updates_in_one_batch(store: Arc<dyn Store>) {
+    let j = job("q", &[]);
+    let leased = next(&j, |n| {
+        n.state = JobState::Leased;
+        n.attempt = 1;
+        n.worker_id = Some(WorkerId("w".into()));
+        n.last_seq = 2;
+    });
+    let running = next(&leased, |n| {
+        n.state = JobState::Running;
+        n.started_at = Some(Timestamp::now());
+        n.last_seq = 3;
+    });
+    store
+        .apply(&[
+            Write::InsertJob(Arc::new(j.clone())),
+            Write::Event(state_event(&j, 1, JobState::Queued)),
+            Write::UpdateJob {
+                job: Arc::new(leased.clone()),
+                expected_version: 1,
+            },
+            Write::Event(state_event(&j, 2, JobState::Leased)),
+            Write::UpdateJob {
+                job: Arc::new(running.clone()),
+                expected_version: 2,
+            },
+            Write::Event(state_event(&j, 3, JobState::Running)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(store.get_job(j.id).await.unwrap().unwrap(), running);
+    let seqs: Vec<u64> = store
+        .events(j.id, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+}
+
+pub async fn events_page_in_order(store: Arc<dyn Store>) {
+    let j = job("q", &[]);
+    let mut writes = vec![Write::InsertJob(Arc::new(j.clone()))];
+    for seq in 1..=25u64 {
+        writes.push(Write::Event(Event {
+            job_id: j.id,
+            seq,
+            time: Timestamp::now(),
+            kind: EventKind::Output {
+                stream: OutputStream::Stdout,
+                attempt: 1,
+                truncated: false,
+            },
+            data: Bytes::from(format!("line {seq}\n")),
+        }));
+    }
+    store.apply(&writes).await.unwrap();
+    let first = store.events(j.id, 0, 10).await.unwrap();
+    assert_eq!(first.len(), 10);
+    assert_eq!(first[0].data, Bytes::from("line 1\n"));
+    let rest = store.events(j.id, 20, 100).await.unwrap();
+    assert_eq!(
+        rest.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![21, 22, 23, 24, 25]
+    );
+    assert_eq!(rest[4].data, Bytes::from("line 25\n"));
+}
+
+pub async fn list_filters_and_pages(store: Arc<dyn Store>) {
+    let a = job("alpha", &[("team", "red")]);
+    let b = job("alpha", &[("team", "blue")]);
+    let c = job("beta", &[("team", "red"), ("env", "prod")]);
+    let mut c_done = next(&c, |n| {
+        n.state = JobState::Succeeded;
+        n.finished_at = Some(Timestamp::now());
+    });
+    c_done.version = 1;
+    store
+        .apply(&[
+            Write::InsertJob(Arc::new(a.clone())),
+            Write::InsertJob(Arc::new(b.clone())),
+            Write::InsertJob(Arc::new(c_done.clone())),
+        ])
+        .await
+        .unwrap();
+    let ids = |jobs: Vec<Job>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+    let base = JobFilter {
+        namespace: Some(Name::default_namespace()),
+        limit: 100,
+        ..Default::default()
+    };
+    // Newest first.
+    assert_eq!(
+        ids(store.list_jobs(&base).await.unwrap()),
+        vec![c.id, b.id, a.id]
+    );
+    let by_queue = JobFilter {
+        queue: Some(Name::parse("alpha").unwrap()),
+        ..base.clone()
+    };
+    assert_eq!(ids(store.list_jobs(&by_queue).await.unwrap()), vec![b.id, a.id]);
+    let by_state = JobFilter {
+        states: vec![JobState::Succeeded],
+        ..base.clone()
+    };
+    assert_eq!(ids(store.list_jobs(&by_state).await.unwrap()), vec![c.id]);
+    let by_label = JobFilter {
+        labels: [("team".to_string(), "red".to_string())].into(),
+        ..base.clone()
+    };
+    assert_eq!(ids(store.list_jobs(&by_label).await.unwrap()), vec![c.id, a.id]);
+    let page1 = JobFilter {
+        limit: 2,
+        ..base.clone()
+    };
+    let p1 = ids(store.list_jobs(&page1).await.unwrap());
+    assert_eq!(p1, vec![c.id, b.id]);
+    let page2 = JobFilter {
+        limit: 2,
+        before_id: Some(b.id),
+        ..base.clone()
+    };
+    assert_eq!(ids(store.list_jobs(&page2).await.unwrap()), vec![a.id]);
+    let future = JobFilter {
+        created_after: Some(Timestamp::now().add(Duration::from_secs(60))),
+        ..base.clone()
+    };
+    assert!(store.list_jobs(&future).await.unwrap().is_empty());
+    let other_ns = JobFilter {
+        namespace: Some(Name::parse("other").unwrap()),
+        ..base
+    };
+    assert!(store.list_jobs(&other_ns).await.unwrap().is_empty());
+}
+
+pub async fn recover_active_state(store: Arc<dyn Store>) {
+    let queued = job("q", &[]);
+    let done = {
+        let mut d = job("q", &[]);
+        d.state = JobState::Failed;
+        d.finished_at = Some(Timestamp::now());
+        d
+    };
+    let key = QueueKey {
+        namespace: Name::default_namespace(),
+        name: Name::parse("q").unwrap(),
+    };
+    let config = QueueConfig {
+        max_concurrency: 3,
+        paused: true,
+        ..Default::default()
+    };
+    let live = IdempotencyRecord {
+        namespace: Name::default_namespace(),
+        key: "live".into(),
+        job_id: queued.id,
+        digest: "d".into(),
+        expires_at: Timestamp::now().add(Duration::from_secs(3600)),
+    };
+    let dead = IdempotencyRecord {
+        key: "dead".into(),
+        expires_at: Timestamp(1),
+        ..live.clone()
+    };
+    store
+        .apply(&[
+            Write::InsertJob(Arc::new(queued.clone())),
+            Write::InsertJob(Arc::new(done)),
+            Write::PutQueue {
+                key: key.clone(),
+                config: config.clone(),
+            },
+            Write::PutIdempotency(live.clone()),
+            Write::PutIdempotency(dead),
+        ])
+        .await
+        .unwrap();
+    let r = store.recover().await.unwrap();
+    assert_eq!(r.active_jobs, vec![queued]);
+    assert_eq!(r.queues, vec![(key, config)]);
+    assert_eq!(r.idempotency, vec![live.clone()]);
+    store
+        .apply(&[Write::DeleteIdempotency {
+            namespace: live.namespace,
+            key: live.key,
+        }])
+        .await
+        .unwrap();
+    assert!(store.recover().await.unwrap().idempotency.is_empty());
+}
+
+mod sqlite {
+    use super::*;
+
+    async fn open() -> (tempfile::TempDir, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = crate::store::open(&url).await.unwrap();
+        (dir, store)
+    }
+
+    macro_rules! backend_tests {
+        ($($name:ident),* $(,)?) => {$(
+            #[tokio::test]
+            async fn $name() {
+                let (_dir, store) = open().await;
+                super::$name(store).await;
+            }
+        )*};
+    }
+
+    backend_tests!(
+        round_trip,
+        guarded_update,
+        batch_is_atomic,
+        insert_and_updates_in_one_batch,
+        events_page_in_order,
+        list_filters_and_pages,
+        recover_active_state,
+    );
+
+    #[tokio::test]
+    async fn rejects_other_urls() {
+        assert!(matches!(
+            crate::store::open("mysql://x").await.err(),
+            Some(StoreError::Config(_))
+        ));
+    }
+}
