@@ -190,19 +190,22 @@ impl Core {
                 }
                 JobState::Leased | JobState::Running => {
                     let wid = worker.unwrap_or_else(|| WorkerId("unknown".into()));
-                    let w = self.workers.entry(wid.clone()).or_insert_with(|| WorkerState {
-                        id: wid.clone(),
-                        namespace: qk.namespace.clone(),
-                        name: String::new(),
-                        queues: Vec::new(),
-                        concurrency: 0,
-                        labels: BTreeMap::new(),
-                        inflight: HashSet::new(),
-                        tx: None,
-                        session: 0,
-                        lease_expires: lease,
-                        draining: false,
-                    });
+                    let w = self
+                        .workers
+                        .entry(wid.clone())
+                        .or_insert_with(|| WorkerState {
+                            id: wid.clone(),
+                            namespace: qk.namespace.clone(),
+                            name: String::new(),
+                            queues: Vec::new(),
+                            concurrency: 0,
+                            labels: BTreeMap::new(),
+                            inflight: HashSet::new(),
+                            tx: None,
+                            session: 0,
+                            lease_expires: lease,
+                            draining: false,
+                        });
                     w.inflight.insert(id);
                     w.concurrency = w.inflight.len() as u32;
                 }
@@ -618,9 +621,7 @@ impl Core {
         Ok(results
             .into_iter()
             .map(|r| match r {
-                Submitted::Created(j) => {
-                    Submitted::Created(self.active_job(j.id).unwrap_or(j))
-                }
+                Submitted::Created(j) => Submitted::Created(self.active_job(j.id).unwrap_or(j)),
                 other => other,
             })
             .collect())
@@ -637,12 +638,7 @@ impl Core {
             namespace: spec.namespace.clone(),
             name: spec.queue.clone(),
         };
-        let qcfg = self
-            .queues
-            .entry(qk.clone())
-            .or_default()
-            .config
-            .clone();
+        let qcfg = self.queues.entry(qk.clone()).or_default().config.clone();
         let scheduled_at = spec.scheduled_at.unwrap_or(now).max(now);
         let id = JobId::new();
         let job = Job {
@@ -749,8 +745,7 @@ impl Core {
             .collect();
         for (namespace, key) in expired {
             self.idempotency.remove(&(namespace.clone(), key.clone()));
-            out.writes
-                .push(Write::DeleteIdempotency { namespace, key });
+            out.writes.push(Write::DeleteIdempotency { namespace, key });
         }
     }
 
@@ -969,7 +964,10 @@ impl Core {
         for id in lost {
             let err = JobError::new(
                 "WORKER_LOST",
-                format!("worker {} reconnected without this attempt", hello.worker_id),
+                format!(
+                    "worker {} reconnected without this attempt",
+                    hello.worker_id
+                ),
             );
             if let Some(w) = self.workers.get_mut(&hello.worker_id) {
                 w.inflight.remove(&id);
@@ -1041,7 +1039,12 @@ impl Core {
     }
 
     /// Stops new assignments to a worker.
-    pub fn drain_worker(&mut self, namespace: &Name, wid: &WorkerId, out: &mut Outbox) -> Option<WorkerInfo> {
+    pub fn drain_worker(
+        &mut self,
+        namespace: &Name,
+        wid: &WorkerId,
+        out: &mut Outbox,
+    ) -> Option<WorkerInfo> {
         let w = self.workers.get_mut(wid)?;
         if &w.namespace != namespace {
             return None;
@@ -1057,7 +1060,13 @@ impl Core {
     }
 
     /// Handles a batch of reports from one worker session, in order.
-    pub fn reports(&mut self, s: &WorkerSession, reports: Vec<Report>, now: Timestamp, out: &mut Outbox) {
+    pub fn reports(
+        &mut self,
+        s: &WorkerSession,
+        reports: Vec<Report>,
+        now: Timestamp,
+        out: &mut Outbox,
+    ) {
         let Some(w) = self.workers.get_mut(&s.worker_id) else {
             return;
         };
@@ -1146,7 +1155,11 @@ impl Core {
                     };
                     // Once the bound is hit, the counter is pinned at the bound so that
                     // nothing more is recorded, and the chunk carries the marker.
-                    j.output_bytes = if truncated { max } else { j.output_bytes + data.len() as u64 };
+                    j.output_bytes = if truncated {
+                        max
+                    } else {
+                        j.output_bytes + data.len() as u64
+                    };
                     Some((
                         EventKind::Output {
                             stream,
@@ -1246,14 +1259,18 @@ impl Core {
     pub fn fire(&mut self, timer: Timer, now: Timestamp, out: &mut Outbox) {
         match timer {
             Timer::Ready(id) => {
-                let Some(a) = self.jobs.get_mut(&id) else { return };
+                let Some(a) = self.jobs.get_mut(&id) else {
+                    return;
+                };
                 a.state_timer = None;
                 if a.job.state == JobState::Queued && a.ready.is_none() {
                     self.make_ready(id);
                 }
             }
             Timer::MaxWait(id) => {
-                let Some(job) = self.active_job(id) else { return };
+                let Some(job) = self.active_job(id) else {
+                    return;
+                };
                 self.active_mut(id).wait_timer = None;
                 if job.state == JobState::Queued && job.attempt == 0 {
                     let why = self.explain(&job, now);
@@ -1270,7 +1287,9 @@ impl Core {
                 }
             }
             Timer::AckTimeout(id, attempt) => {
-                let Some(job) = self.active_job(id) else { return };
+                let Some(job) = self.active_job(id) else {
+                    return;
+                };
                 if job.state == JobState::Leased && job.attempt == attempt {
                     self.active_mut(id).state_timer = None;
                     self.ask_worker_to_stop(&job, Duration::ZERO, "ACK_TIMEOUT", out);
@@ -1290,7 +1309,9 @@ impl Core {
                 }
             }
             Timer::RunTimeout(id, attempt) => {
-                let Some(job) = self.active_job(id) else { return };
+                let Some(job) = self.active_job(id) else {
+                    return;
+                };
                 if job.state == JobState::Running && job.attempt == attempt {
                     self.active_mut(id).state_timer = None;
                     self.ask_worker_to_stop(&job, Duration::ZERO, "RUN_TIMEOUT", out);
@@ -1312,7 +1333,9 @@ impl Core {
                 }
             }
             Timer::CancelGrace(id, attempt) => {
-                let Some(job) = self.active_job(id) else { return };
+                let Some(job) = self.active_job(id) else {
+                    return;
+                };
                 if job.attempt == attempt
                     && matches!(job.state, JobState::Leased | JobState::Running)
                 {
@@ -1325,7 +1348,9 @@ impl Core {
                 }
             }
             Timer::WorkerLease(wid) => {
-                let Some(w) = self.workers.get(&wid) else { return };
+                let Some(w) = self.workers.get(&wid) else {
+                    return;
+                };
                 let now_i = Instant::now();
                 if w.lease_expires > now_i {
                     let at = w.lease_expires;
@@ -1335,10 +1360,8 @@ impl Core {
                 tracing::warn!(worker = %wid, attempts = w.inflight.len(), "worker lease expired; worker lost");
                 let w = self.remove_worker(&wid).expect("worker");
                 for id in w.inflight {
-                    let err = JobError::new(
-                        "WORKER_LOST",
-                        format!("worker {wid} stopped heartbeating"),
-                    );
+                    let err =
+                        JobError::new("WORKER_LOST", format!("worker {wid} stopped heartbeating"));
                     self.lose_attempt(id, err, now, out);
                 }
             }
@@ -1349,7 +1372,13 @@ impl Core {
     // ---------------------------------------------------------------- admin
 
     /// Replaces a queue's settings.
-    pub fn configure_queue(&mut self, key: QueueKey, config: QueueConfig, now: Timestamp, out: &mut Outbox) -> QueueInfo {
+    pub fn configure_queue(
+        &mut self,
+        key: QueueKey,
+        config: QueueConfig,
+        now: Timestamp,
+        out: &mut Outbox,
+    ) -> QueueInfo {
         out.writes.push(Write::PutQueue {
             key: key.clone(),
             config: config.clone(),
@@ -1421,7 +1450,9 @@ impl Core {
             .map(|w| &w.id)
             .collect();
         ids.sort();
-        ids.into_iter().filter_map(|w| self.worker_info(w)).collect()
+        ids.into_iter()
+            .filter_map(|w| self.worker_info(w))
+            .collect()
     }
 
     /// Sessions of every connected worker, to end their streams at shutdown.
@@ -1434,5 +1465,72 @@ impl Core {
     /// Whether a worker session is current (used by the stream handler).
     pub fn is_current(&self, s: &WorkerSession) -> bool {
         self.session_ok(s)
+    }
+
+    /// Asserts that the books agree with the jobs (tests only).
+    #[cfg(test)]
+    pub fn check_invariants(&self) {
+        let mut active: HashMap<QueueKey, u32> = HashMap::new();
+        let mut queued: HashMap<QueueKey, u64> = HashMap::new();
+        for (id, a) in &self.jobs {
+            let j = &a.job;
+            assert_eq!(*id, j.id);
+            assert!(!j.state.is_terminal(), "terminal job {id} still active");
+            let qk = Self::queue_key(j);
+            match j.state {
+                JobState::Queued => {
+                    *queued.entry(qk.clone()).or_default() += 1;
+                    if let Some(r) = a.ready {
+                        assert!(
+                            self.queues[&qk].ready.contains(&r),
+                            "ready key of {id} in its queue"
+                        );
+                    }
+                }
+                JobState::Leased | JobState::Running => {
+                    *active.entry(qk.clone()).or_default() += 1;
+                    assert!(a.ready.is_none());
+                    let wid = j.worker_id.as_ref().expect("held job names its worker");
+                    if let Some(w) = self.workers.get(wid) {
+                        assert!(w.inflight.contains(id), "{wid} holds {id}");
+                    }
+                }
+                _ => unreachable!(),
+            }
+        }
+        for (qk, q) in &self.queues {
+            assert_eq!(
+                q.active,
+                active.get(qk).copied().unwrap_or(0),
+                "active count of {qk}"
+            );
+            assert_eq!(
+                q.queued,
+                queued.get(qk).copied().unwrap_or(0),
+                "queued count of {qk}"
+            );
+            for r in &q.ready {
+                let a = self.jobs.get(&r.id).expect("ready job is active");
+                assert_eq!(a.job.state, JobState::Queued);
+                assert_eq!(a.ready, Some(*r));
+            }
+            if q.config.max_concurrency > 0 {
+                assert!(q.active <= q.config.max_concurrency);
+            }
+        }
+        for w in self.workers.values() {
+            for id in &w.inflight {
+                let j = &self.jobs.get(id).expect("inflight job is active").job;
+                assert_eq!(j.worker_id.as_ref(), Some(&w.id));
+                assert!(matches!(j.state, JobState::Leased | JobState::Running));
+            }
+            if w.tx.is_some() {
+                assert!(
+                    w.inflight.len() as u32 <= w.concurrency,
+                    "credit of {}",
+                    w.id
+                );
+            }
+        }
     }
 }

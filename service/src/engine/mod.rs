@@ -13,6 +13,9 @@ pub mod model;
 pub mod state;
 mod timers;
 
+#[cfg(test)]
+mod proptests;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -363,7 +366,10 @@ impl Engine {
     fn with_core<T>(
         &self,
         f: impl FnOnce(&mut Core, Timestamp, &mut Outbox) -> T,
-    ) -> (T, Option<tokio::sync::oneshot::Receiver<Result<(), EngineError>>>) {
+    ) -> (
+        T,
+        Option<tokio::sync::oneshot::Receiver<Result<(), EngineError>>>,
+    ) {
         let mut core = self.lock();
         let mut out = Outbox::default();
         let now = Timestamp::now();
@@ -473,8 +479,13 @@ impl Engine {
         mode: WaitMode,
         deadline: Instant,
     ) -> Result<(Vec<(Job, bool)>, bool), EngineError> {
-        let reached =
-            |j: &Job| -> bool { if targets.is_empty() { j.state.is_terminal() } else { targets.contains(&j.state) } };
+        let reached = |j: &Job| -> bool {
+            if targets.is_empty() {
+                j.state.is_terminal()
+            } else {
+                targets.contains(&j.state)
+            }
+        };
         let mut subs = Vec::with_capacity(ids.len());
         for &id in ids {
             subs.push(self.hub.subscribe(id));
@@ -500,11 +511,11 @@ impl Engine {
                 WaitMode::Any => hits > 0 || current.is_empty(),
             };
             // A terminal job that is not a target will never become one.
-            let hopeless = current
-                .iter()
-                .any(|j| j.state.is_terminal() && !reached(j))
+            let hopeless = current.iter().any(|j| j.state.is_terminal() && !reached(j))
                 && mode == WaitMode::All
-                || (mode == WaitMode::Any && current.iter().all(|j| j.state.is_terminal() && !reached(j)) && !current.is_empty());
+                || (mode == WaitMode::Any
+                    && current.iter().all(|j| j.state.is_terminal() && !reached(j))
+                    && !current.is_empty());
             if done || hopeless || Instant::now() >= deadline {
                 let jobs = current
                     .iter()
@@ -646,7 +657,11 @@ impl Engine {
     }
 
     /// Handles a worker's reports; returns once they are committed (back-pressure per stream).
-    pub async fn reports(&self, s: &WorkerSession, reports: Vec<Report>) -> Result<(), EngineError> {
+    pub async fn reports(
+        &self,
+        s: &WorkerSession,
+        reports: Vec<Report>,
+    ) -> Result<(), EngineError> {
         self.check_open()?;
         let ((), rx) = self.with_core(|core, now, out| core.reports(s, reports, now, out));
         Self::committed(rx).await
@@ -664,7 +679,11 @@ impl Engine {
     }
 
     /// Drains a worker.
-    pub async fn drain_worker(&self, namespace: &Name, id: &WorkerId) -> Result<WorkerInfo, EngineError> {
+    pub async fn drain_worker(
+        &self,
+        namespace: &Name,
+        id: &WorkerId,
+    ) -> Result<WorkerInfo, EngineError> {
         let (info, rx) = self.with_core(|core, _, out| core.drain_worker(namespace, id, out));
         Self::committed(rx).await?;
         info.ok_or_else(|| EngineError::NotFound {
@@ -674,9 +693,14 @@ impl Engine {
     }
 
     /// Replaces a queue's settings.
-    pub async fn configure_queue(&self, key: QueueKey, config: QueueConfig) -> Result<QueueInfo, EngineError> {
+    pub async fn configure_queue(
+        &self,
+        key: QueueKey,
+        config: QueueConfig,
+    ) -> Result<QueueInfo, EngineError> {
         self.check_open()?;
-        let (info, rx) = self.with_core(|core, now, out| core.configure_queue(key, config, now, out));
+        let (info, rx) =
+            self.with_core(|core, now, out| core.configure_queue(key, config, now, out));
         Self::committed(rx).await?;
         Ok(info)
     }

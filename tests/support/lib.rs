@@ -1,0 +1,346 @@
+//! Shared helpers of the end-to-end tests: a real server on `127.0.0.1:0` with a temp SQLite
+//! database (in-process through `jobplane_server::run`, or as a real `jobplane` process), SDK
+//! workers, and a raw protocol worker for the tests that must misbehave on purpose.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobplane_proto::pb;
+use jobplane_server::EngineConfig;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+/// Generous guard for anything a test waits on; never a timing target.
+pub const GUARD: Duration = Duration::from_secs(30);
+
+/// Engine settings that make timeouts observable within a test.
+pub fn fast_config() -> EngineConfig {
+    EngineConfig {
+        ack_timeout: Duration::from_millis(500),
+        worker_lease_ttl: Duration::from_millis(1500),
+        heartbeat_interval: Duration::from_millis(300),
+        default_cancel_grace: Duration::from_secs(5),
+        ..EngineConfig::default()
+    }
+}
+
+/// Awaits `f`, failing the test if it takes longer than [`GUARD`].
+pub async fn guard<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(GUARD, f).await {
+        Ok(t) => t,
+        Err(_) => panic!("timed out after {GUARD:?} waiting for {what}"),
+    }
+}
+
+/// A server running in this process.
+pub struct TestServer {
+    /// `http://127.0.0.1:PORT`.
+    pub addr: String,
+    /// Database URL.
+    pub db_url: String,
+    dir: Arc<tempfile::TempDir>,
+    config: EngineConfig,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), jobplane_server::ServeError>>>,
+}
+
+impl TestServer {
+    /// Starts a server on a fresh database with [`fast_config`].
+    pub async fn start() -> TestServer {
+        Self::start_with(fast_config()).await
+    }
+
+    /// Starts a server on a fresh database.
+    pub async fn start_with(config: EngineConfig) -> TestServer {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        Self::start_on(dir, config).await
+    }
+
+    async fn start_on(dir: Arc<tempfile::TempDir>, config: EngineConfig) -> TestServer {
+        let db_url = format!("sqlite://{}", dir.path().join("jobplane.db").display());
+        let store = jobplane_server::store::open(&db_url)
+            .await
+            .expect("open store");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = format!("http://{}", listener.local_addr().expect("addr"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(jobplane_server::run(
+            listener,
+            store,
+            config.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        TestServer {
+            addr,
+            db_url,
+            dir,
+            config,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// A client of this server.
+    pub async fn client(&self) -> jobplane::Client {
+        jobplane::Client::connect(self.addr.clone())
+            .await
+            .expect("connect client")
+    }
+
+    /// The directory holding the database.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            guard("server shutdown", task)
+                .await
+                .expect("server task")
+                .expect("server result");
+        }
+    }
+
+    /// Stops and starts again on the same database (on a new port).
+    pub async fn restart(mut self) -> TestServer {
+        self.stop().await;
+        Self::start_on(self.dir.clone(), self.config.clone()).await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Path of the `jobplane` binary built alongside the tests.
+pub fn jobplane_bin() -> PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_jobplane") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/e2e-HASH → target/<profile>/jobplane
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join(format!("jobplane{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p jobplane-server` (nextest --workspace does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `jobplane serve` child process.
+pub struct ServerProcess {
+    /// `http://127.0.0.1:PORT`.
+    pub addr: String,
+    child: tokio::process::Child,
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl ServerProcess {
+    /// Starts `jobplane serve --listen 127.0.0.1:0 --db sqlite://DIR/jobplane.db` and waits for
+    /// its "serving" log line to learn the port.
+    pub async fn start(dir: &Path) -> ServerProcess {
+        let db = format!("sqlite://{}", dir.join("jobplane.db").display());
+        let mut child = tokio::process::Command::new(jobplane_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--db", &db])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn jobplane serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        for r in [
+            Box::new(stderr) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(stdout),
+        ] {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    let _ = tx.send(l);
+                }
+            });
+        }
+        let addr = guard("the server's serving line", async {
+            while let Some(line) = rx.recv().await {
+                let line = strip_ansi(&line);
+                if line.contains("jobplane serving") {
+                    if let Some(rest) = line.split("listen=").nth(1) {
+                        let a = rest.split_whitespace().next().unwrap_or_default();
+                        return format!("http://{a}");
+                    }
+                }
+            }
+            panic!("jobplane serve exited before serving");
+        })
+        .await;
+        ServerProcess { addr, child }
+    }
+
+    /// Kills the process with SIGKILL.
+    pub async fn kill9(mut self) {
+        self.child.start_kill().expect("kill");
+        let _ = self.child.wait().await;
+    }
+}
+
+/// A worker speaking the raw protocol, to misbehave on purpose (no acks, no heartbeats,
+/// zombie reports).
+pub struct RawWorker {
+    /// Sends messages on the stream.
+    pub tx: mpsc::UnboundedSender<pb::ConnectRequest>,
+    /// Messages from the service.
+    pub rx: tonic::Streaming<pb::ConnectResponse>,
+    /// The welcome.
+    pub welcome: pb::Welcome,
+}
+
+impl RawWorker {
+    /// Connects and says hello.
+    pub async fn connect(addr: &str, id: &str, queues: &[&str], concurrency: u32) -> RawWorker {
+        Self::connect_with(addr, id, queues, concurrency, vec![]).await
+    }
+
+    /// Connects and says hello, claiming attempts from an earlier session.
+    pub async fn connect_with(
+        addr: &str,
+        id: &str,
+        queues: &[&str],
+        concurrency: u32,
+        running: Vec<pb::AttemptRef>,
+    ) -> RawWorker {
+        let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = pb::worker_service_client::WorkerServiceClient::new(channel);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(pb::ConnectRequest {
+            msg: Some(pb::connect_request::Msg::Hello(pb::WorkerHello {
+                worker_id: id.to_string(),
+                namespace: String::new(),
+                queues: queues.iter().map(|q| q.to_string()).collect(),
+                concurrency,
+                labels: Default::default(),
+                name: "raw".into(),
+                running,
+            })),
+        })
+        .expect("send hello");
+        let mut rx_stream = client
+            .connect(UnboundedReceiverStream::new(rx))
+            .await
+            .expect("open stream")
+            .into_inner();
+        let first = guard("welcome", rx_stream.message())
+            .await
+            .expect("stream")
+            .expect("welcome");
+        let welcome = match first.msg {
+            Some(pb::connect_response::Msg::Welcome(w)) => w,
+            other => panic!("expected welcome, got {other:?}"),
+        };
+        RawWorker {
+            tx,
+            rx: rx_stream,
+            welcome,
+        }
+    }
+
+    /// Waits for the next message.
+    pub async fn next(&mut self) -> pb::connect_response::Msg {
+        guard("a message from the service", self.rx.message())
+            .await
+            .expect("stream ok")
+            .expect("stream open")
+            .msg
+            .expect("msg")
+    }
+
+    /// Waits for the next assignments, skipping other messages.
+    pub async fn assignments(&mut self) -> Vec<pb::Assignment> {
+        loop {
+            if let pb::connect_response::Msg::Assignments(a) = self.next().await {
+                return a.assignments;
+            }
+        }
+    }
+
+    /// Sends one report.
+    pub fn report(&self, job_id: &str, attempt: u32, kind: pb::worker_report::Kind) {
+        self.tx
+            .send(pb::ConnectRequest {
+                msg: Some(pb::connect_request::Msg::Reports(pb::WorkerReports {
+                    reports: vec![pb::WorkerReport {
+                        job_id: job_id.to_string(),
+                        attempt,
+                        kind: Some(kind),
+                    }],
+                })),
+            })
+            .expect("send report");
+    }
+
+    /// Acknowledges an assignment.
+    pub fn ack(&self, job_id: &str, attempt: u32) {
+        self.report(job_id, attempt, pb::worker_report::Kind::Ack(pb::Ack {}));
+    }
+
+    /// Reports success.
+    pub fn succeed(&self, job_id: &str, attempt: u32, result: &[u8]) {
+        self.report(
+            job_id,
+            attempt,
+            pb::worker_report::Kind::Outcome(pb::AttemptOutcome {
+                kind: Some(pb::attempt_outcome::Kind::Success(pb::Success {
+                    result: result.to_vec().into(),
+                })),
+            }),
+        );
+    }
+
+    /// Sends a heartbeat.
+    pub fn heartbeat(&self) {
+        let _ = self.tx.send(pb::ConnectRequest {
+            msg: Some(pb::connect_request::Msg::Heartbeat(pb::Heartbeat {})),
+        });
+    }
+}
