@@ -1,0 +1,509 @@
+//! The client: submit, inspect, wait for, cancel and watch jobs, and administer queues and
+//! workers.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use jobplane_proto::pb;
+use jobplane_proto::pb::admin_service_client::AdminServiceClient;
+use jobplane_proto::pb::job_service_client::JobServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::convert;
+use crate::error::{is_transport_failure, Error, Result};
+use crate::types::{
+    CancelResult, Job, JobEvent, JobPage, JobSpec, ListFilter, QueueConfig, QueueInfo, Submitted,
+    WaitManyResult, WaitMode, WaitOptions, WaitResult, WorkerInfo,
+};
+
+/// Address used when none is given: the service's default loopback listener.
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:7741";
+/// Environment variable read by [`Client::from_env`].
+pub const ADDR_ENV: &str = "JOBPLANE_ADDR";
+/// Namespace used when none is set.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// How much longer than a wait's own timeout the gRPC deadline is, so that the service answers
+/// "not reached" before the transport gives up.
+const WAIT_DEADLINE_MARGIN: Duration = Duration::from_secs(10);
+/// The service's default wait timeout when the request leaves it unset.
+const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+/// How many times in a row a broken watch stream is resumed before the error is returned.
+const WATCH_MAX_RESUMES: u32 = 8;
+
+/// A connection to a jobplane service, scoped to one namespace.
+///
+/// Cloning is cheap: clones share the underlying HTTP/2 connection.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), jobplane::Error> {
+/// use std::time::Duration;
+/// use jobplane::{Client, JobSpec, JobState};
+///
+/// let client = Client::connect("http://127.0.0.1:7741").await?;
+/// let submitted = client.submit(JobSpec::new("thumbnails").payload("cat.png")).await?;
+/// let done = client.wait(&submitted.job.id, Duration::from_secs(60)).await?;
+/// if done.reached && done.job.state == JobState::Succeeded {
+///     println!("result: {:?}", done.job.result);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Client {
+    channel: Channel,
+    namespace: Arc<str>,
+}
+
+/// Normalises an address: `host:port` gets an `http://` scheme.
+fn normalise_addr(addr: &str) -> String {
+    let addr = addr.trim();
+    if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Builds the endpoint of one address with the SDK's transport settings.
+pub(crate) fn endpoint(addr: &str) -> Result<Endpoint> {
+    Ok(Endpoint::from_shared(normalise_addr(addr))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        // Detects a dead peer on long-lived streams (watch, worker sessions).
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true))
+}
+
+/// Parses `addr`, which may list several addresses separated by commas.
+fn endpoints(addr: &str) -> Result<Vec<Endpoint>> {
+    let endpoints: Vec<Endpoint> = addr
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(endpoint)
+        .collect::<Result<_>>()?;
+    if endpoints.is_empty() {
+        return Err(Error::InvalidConfig("empty service address".into()));
+    }
+    Ok(endpoints)
+}
+
+impl Client {
+    /// Connects to the service at `addr`, e.g. `http://127.0.0.1:7741` (`127.0.0.1:7741` works
+    /// too). Several addresses separated by commas are balanced over.
+    pub async fn connect(addr: impl Into<String>) -> Result<Client> {
+        let mut endpoints = endpoints(&addr.into())?;
+        let channel = if endpoints.len() == 1 {
+            endpoints.remove(0).connect().await?
+        } else {
+            // Several instances: the channel balances over them and skips unreachable ones.
+            Channel::balance_list(endpoints.into_iter())
+        };
+        Ok(Client::from_channel(channel))
+    }
+
+    /// Like [`Client::connect`], but connects on first use instead of now; must be called within
+    /// a Tokio runtime.
+    pub fn connect_lazy(addr: impl Into<String>) -> Result<Client> {
+        let mut endpoints = endpoints(&addr.into())?;
+        let channel = if endpoints.len() == 1 {
+            endpoints.remove(0).connect_lazy()
+        } else {
+            Channel::balance_list(endpoints.into_iter())
+        };
+        Ok(Client::from_channel(channel))
+    }
+
+    /// Connects to the address in `JOBPLANE_ADDR`, or to `http://127.0.0.1:7741`.
+    pub async fn from_env() -> Result<Client> {
+        let addr = std::env::var(ADDR_ENV).unwrap_or_else(|_| DEFAULT_ADDR.to_owned());
+        Client::connect(addr).await
+    }
+
+    /// Wraps an existing channel (e.g. one configured with TLS).
+    pub fn from_channel(channel: Channel) -> Client {
+        Client {
+            channel,
+            namespace: Arc::from(DEFAULT_NAMESPACE),
+        }
+    }
+
+    /// A client for another namespace on the same connection.
+    pub fn with_namespace(&self, namespace: impl Into<String>) -> Client {
+        Client {
+            channel: self.channel.clone(),
+            namespace: Arc::from(namespace.into()),
+        }
+    }
+
+    /// The namespace every call is scoped to (default `default`).
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The underlying channel.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    fn jobs(&self) -> JobServiceClient<Channel> {
+        JobServiceClient::new(self.channel.clone())
+    }
+
+    fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.channel.clone())
+    }
+
+    /// Submits one job. Returns once it is committed; `created` is false when its idempotency key
+    /// matched an existing job with the same spec.
+    pub async fn submit(&self, spec: JobSpec) -> Result<Submitted> {
+        let traceparent = spec.traceparent.clone();
+        let req = with_traceparent(
+            pb::SubmitJobRequest {
+                spec: Some(convert::spec_to_pb(spec, &self.namespace)),
+            },
+            traceparent.as_deref(),
+        )?;
+        let resp = self.jobs().submit_job(req).await?.into_inner();
+        convert::submitted_from_pb(resp)
+    }
+
+    /// Submits many jobs in one transaction: all are accepted or none. Results are in order.
+    ///
+    /// The batch is one call, so it carries one trace context: the first spec's `traceparent`.
+    pub async fn submit_batch(&self, specs: Vec<JobSpec>) -> Result<Vec<Submitted>> {
+        if specs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let traceparent = specs.iter().find_map(|s| s.traceparent.clone());
+        let req = with_traceparent(
+            pb::SubmitJobsRequest {
+                specs: specs
+                    .into_iter()
+                    .map(|s| convert::spec_to_pb(s, &self.namespace))
+                    .collect(),
+            },
+            traceparent.as_deref(),
+        )?;
+        let resp = self.jobs().submit_jobs(req).await?.into_inner();
+        resp.results
+            .into_iter()
+            .map(convert::submitted_from_pb)
+            .collect()
+    }
+
+    /// Returns a job's committed snapshot.
+    pub async fn get(&self, id: &str) -> Result<Job> {
+        let req = pb::GetJobRequest {
+            namespace: self.namespace.to_string(),
+            id: id.to_owned(),
+        };
+        let resp = self.jobs().get_job(req).await?.into_inner();
+        convert::job_from_pb(resp.job.ok_or_else(|| Error::missing("job"))?)
+    }
+
+    /// Lists jobs, newest first, one page at a time.
+    pub async fn list(&self, filter: ListFilter) -> Result<JobPage> {
+        let req = convert::list_filter_to_pb(filter, &self.namespace);
+        let resp = self.jobs().list_jobs(req).await?.into_inner();
+        convert::page_from_pb(resp)
+    }
+
+    /// Waits until a job reaches a target state (by default any terminal state) or the timeout
+    /// passes; `options` is a [`WaitOptions`] or just a [`Duration`].
+    ///
+    /// A timeout is not an error: the result then says `reached: false` with the job's current
+    /// snapshot.
+    pub async fn wait(&self, id: &str, options: impl Into<WaitOptions>) -> Result<WaitResult> {
+        let options = options.into();
+        let mut req = tonic::Request::new(pb::WaitJobRequest {
+            namespace: self.namespace.to_string(),
+            id: id.to_owned(),
+            target_states: options
+                .target_states
+                .iter()
+                .map(|s| convert::state_to_pb(*s) as i32)
+                .collect(),
+            timeout: options.timeout.map(convert::duration_to_pb),
+        });
+        req.set_timeout(options.timeout.unwrap_or(DEFAULT_WAIT) + WAIT_DEADLINE_MARGIN);
+        let resp = self.jobs().wait_job(req).await?.into_inner();
+        convert::wait_from_pb(resp)
+    }
+
+    /// Waits for several jobs: until all of them ([`WaitMode::All`]) or any of them
+    /// ([`WaitMode::Any`]) reached a target state, or the timeout passes.
+    pub async fn wait_many<I, S>(
+        &self,
+        ids: I,
+        mode: WaitMode,
+        options: impl Into<WaitOptions>,
+    ) -> Result<WaitManyResult>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let options = options.into();
+        let mut req = tonic::Request::new(pb::WaitJobsRequest {
+            namespace: self.namespace.to_string(),
+            ids: ids.into_iter().map(Into::into).collect(),
+            target_states: options
+                .target_states
+                .iter()
+                .map(|s| convert::state_to_pb(*s) as i32)
+                .collect(),
+            timeout: options.timeout.map(convert::duration_to_pb),
+            mode: convert::wait_mode_to_pb(mode) as i32,
+        });
+        req.set_timeout(options.timeout.unwrap_or(DEFAULT_WAIT) + WAIT_DEADLINE_MARGIN);
+        let resp = self.jobs().wait_jobs(req).await?.into_inner();
+        convert::wait_many_from_pb(resp)
+    }
+
+    /// Cancels a job: a queued one at once, a running one after its worker stops or `grace`
+    /// (default 10s) ends. Idempotent; cancelling a terminal job changes nothing and says so.
+    pub async fn cancel(&self, id: &str, grace: Option<Duration>) -> Result<CancelResult> {
+        self.cancel_with_reason(id, grace, "").await
+    }
+
+    /// Like [`Client::cancel`], recording `reason` in the job's error.
+    pub async fn cancel_with_reason(
+        &self,
+        id: &str,
+        grace: Option<Duration>,
+        reason: &str,
+    ) -> Result<CancelResult> {
+        let req = pb::CancelJobRequest {
+            namespace: self.namespace.to_string(),
+            id: id.to_owned(),
+            grace: grace.map(convert::duration_to_pb),
+            reason: reason.to_owned(),
+        };
+        let resp = self.jobs().cancel_job(req).await?.into_inner();
+        convert::cancel_from_pb(resp)
+    }
+
+    /// Streams a job's events with `seq > from_seq` (0 = from the start). The stream ends after
+    /// the job's terminal state event.
+    ///
+    /// If the connection breaks mid-stream, the watch is resumed from the last event received
+    /// (a bounded number of times, with back-off), so the stream has neither gaps nor
+    /// duplicates. Other errors end the stream after being yielded.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: jobplane::Client) -> Result<(), jobplane::Error> {
+    /// use futures::StreamExt;
+    /// let mut events = client.watch("0190f1c2-…", 0);
+    /// while let Some(event) = events.next().await {
+    ///     println!("{:?}", event?.kind);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn watch(&self, id: &str, from_seq: u64) -> EventStream {
+        let client = self.clone();
+        let id = id.to_owned();
+        let stream = async_stream::stream! {
+            let mut last_seq = from_seq;
+            let mut failures = 0u32;
+            'resume: loop {
+                let req = pb::WatchJobRequest {
+                    namespace: client.namespace.to_string(),
+                    id: id.clone(),
+                    from_seq: last_seq,
+                };
+                let opened = client.jobs().watch_job(req).await;
+                let mut inner = match opened {
+                    Ok(resp) => resp.into_inner(),
+                    Err(status) => {
+                        if is_transport_failure(&status) && failures < WATCH_MAX_RESUMES {
+                            failures += 1;
+                            tokio::time::sleep(resume_backoff(failures)).await;
+                            continue 'resume;
+                        }
+                        yield Err(Error::from_status(status));
+                        return;
+                    }
+                };
+                loop {
+                    match inner.message().await {
+                        Ok(Some(msg)) => {
+                            let Some(raw) = msg.event else {
+                                yield Err(Error::missing("event"));
+                                return;
+                            };
+                            // A resumed stream never repeats what was already yielded.
+                            if raw.seq <= last_seq {
+                                continue;
+                            }
+                            match convert::event_from_pb(raw) {
+                                Ok(event) => {
+                                    last_seq = event.seq;
+                                    failures = 0;
+                                    let terminal = event.is_terminal();
+                                    yield Ok(event);
+                                    if terminal {
+                                        return;
+                                    }
+                                }
+                                Err(err) => {
+                                    yield Err(err);
+                                    return;
+                                }
+                            }
+                        }
+                        // The service ended the stream: after the terminal event, or because
+                        // there is nothing after `from_seq` of a finished job.
+                        Ok(None) => return,
+                        Err(status) => {
+                            if is_transport_failure(&status) && failures < WATCH_MAX_RESUMES {
+                                failures += 1;
+                                tracing::debug!(job_id = %id, last_seq, %status, "watch stream broke; resuming");
+                                tokio::time::sleep(resume_backoff(failures)).await;
+                                continue 'resume;
+                            }
+                            yield Err(Error::from_status(status));
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        EventStream {
+            inner: Box::pin(stream),
+        }
+    }
+
+    /// Creates or updates a queue's settings (the whole settings are replaced).
+    pub async fn configure_queue(&self, name: &str, config: QueueConfig) -> Result<QueueInfo> {
+        let req = pb::ConfigureQueueRequest {
+            namespace: self.namespace.to_string(),
+            name: name.to_owned(),
+            config: Some(convert::queue_config_to_pb(&config)),
+        };
+        let resp = self.admin().configure_queue(req).await?.into_inner();
+        Ok(convert::queue_from_pb(
+            resp.queue.ok_or_else(|| Error::missing("queue"))?,
+        ))
+    }
+
+    /// Lists the namespace's queues, by name.
+    pub async fn list_queues(&self) -> Result<Vec<QueueInfo>> {
+        let req = pb::ListQueuesRequest {
+            namespace: self.namespace.to_string(),
+        };
+        let resp = self.admin().list_queues(req).await?.into_inner();
+        Ok(resp
+            .queues
+            .into_iter()
+            .map(convert::queue_from_pb)
+            .collect())
+    }
+
+    /// Lists the namespace's workers.
+    pub async fn list_workers(&self) -> Result<Vec<WorkerInfo>> {
+        let req = pb::ListWorkersRequest {
+            namespace: self.namespace.to_string(),
+        };
+        let resp = self.admin().list_workers(req).await?.into_inner();
+        Ok(resp
+            .workers
+            .into_iter()
+            .map(convert::worker_from_pb)
+            .collect())
+    }
+
+    /// Drains a worker: it gets no new assignments and its in-flight work finishes.
+    pub async fn drain_worker(&self, id: &str) -> Result<WorkerInfo> {
+        let req = pb::DrainWorkerRequest {
+            namespace: self.namespace.to_string(),
+            id: id.to_owned(),
+        };
+        let resp = self.admin().drain_worker(req).await?.into_inner();
+        Ok(convert::worker_from_pb(
+            resp.worker.ok_or_else(|| Error::missing("worker"))?,
+        ))
+    }
+}
+
+/// Wraps a message in a request carrying `traceparent` metadata, if any.
+fn with_traceparent<T>(message: T, traceparent: Option<&str>) -> Result<tonic::Request<T>> {
+    let mut req = tonic::Request::new(message);
+    if let Some(tp) = traceparent {
+        let value = tp
+            .parse()
+            .map_err(|_| Error::InvalidConfig(format!("invalid traceparent `{tp}`")))?;
+        req.metadata_mut().insert("traceparent", value);
+    }
+    Ok(req)
+}
+
+/// Back-off before resuming a broken watch: 50ms doubling per failure, capped at 2s, jittered.
+fn resume_backoff(failures: u32) -> Duration {
+    crate::backoff::jittered(
+        Duration::from_millis(50),
+        Duration::from_secs(2),
+        failures.saturating_sub(1),
+    )
+}
+
+/// The stream of a job's events returned by [`Client::watch`].
+pub struct EventStream {
+    inner: Pin<Box<dyn Stream<Item = Result<JobEvent>> + Send>>,
+}
+
+impl std::fmt::Debug for EventStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStream").finish_non_exhaustive()
+    }
+}
+
+impl Stream for EventStream {
+    type Item = Result<JobEvent>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.poll_next_unpin(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_travels_as_metadata() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let req = with_traceparent((), Some(tp)).unwrap();
+        assert_eq!(req.metadata().get("traceparent").unwrap(), tp);
+        assert!(with_traceparent((), None)
+            .unwrap()
+            .metadata()
+            .get("traceparent")
+            .is_none());
+        assert!(with_traceparent((), Some("bad\nvalue")).is_err());
+    }
+
+    #[test]
+    fn addresses_get_a_scheme() {
+        assert_eq!(normalise_addr("127.0.0.1:7741"), "http://127.0.0.1:7741");
+        assert_eq!(normalise_addr(" https://x:1 "), "https://x:1");
+    }
+
+    #[tokio::test]
+    async fn lazy_client_has_default_namespace() {
+        let client = Client::connect_lazy("127.0.0.1:1").unwrap();
+        assert_eq!(client.namespace(), "default");
+        assert_eq!(client.with_namespace("t1").namespace(), "t1");
+        assert!(Client::connect_lazy(" , ").is_err());
+    }
+
+    #[tokio::test]
+    async fn connect_to_nothing_is_a_transport_error() {
+        let err = Client::connect("http://127.0.0.1:1").await.unwrap_err();
+        assert!(matches!(err, Error::Transport(_)), "{err}");
+        assert!(err.is_retryable());
+    }
+}

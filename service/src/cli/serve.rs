@@ -1,0 +1,33 @@
+//! `jobplane serve`.
+
+use std::net::SocketAddr;
+
+use clap::Args;
+
+use super::{shutdown_signal, CliError, Outcome};
+
+/// Arguments of `jobplane serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "JOBPLANE_LISTEN", default_value = "127.0.0.1:7741")]
+    pub listen: SocketAddr,
+    /// Database URL.
+    #[arg(long, env = "JOBPLANE_DB", default_value = "sqlite://jobplane.db")]
+    pub db: String,
+    /// Listen on a non-loopback address although authentication is off.
+    #[arg(long)]
+    pub allow_insecure_non_loopback: bool,
+}
+
+/// Serves until SIGTERM or SIGINT.
+pub async fn run(args: ServeArgs) -> Result<Outcome, CliError> {
+    let config = jobplane_server::ServeConfig {
+        listen: args.listen,
+        db_url: args.db,
+        allow_non_loopback: args.allow_insecure_non_loopback,
+        ..Default::default()
+    };
+    jobplane_server::serve(config, shutdown_signal()).await?;
+    Ok(Outcome::Success)
+}
