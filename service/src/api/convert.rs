@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use jobplane_proto::pb;
 use uuid::Uuid;
 
@@ -163,12 +162,22 @@ pub fn retry_policy(p: Option<pb::RetryPolicy>, field: &str) -> R<Option<RetryPo
     if p.max_retries > 1000 {
         return Err(inv(&format!("{field}.max_retries"), "must be at most 1000"));
     }
-    let multiplier = if p.multiplier == 0.0 { d.multiplier } else { p.multiplier };
+    let multiplier = if p.multiplier == 0.0 {
+        d.multiplier
+    } else {
+        p.multiplier
+    };
     if !(1.0..=100.0).contains(&multiplier) {
-        return Err(inv(&format!("{field}.multiplier"), "must be between 1 and 100"));
+        return Err(inv(
+            &format!("{field}.multiplier"),
+            "must be between 1 and 100",
+        ));
     }
-    let initial = duration(p.initial_backoff.as_ref(), &format!("{field}.initial_backoff"))?
-        .unwrap_or(d.initial_backoff);
+    let initial = duration(
+        p.initial_backoff.as_ref(),
+        &format!("{field}.initial_backoff"),
+    )?
+    .unwrap_or(d.initial_backoff);
     let max = duration(p.max_backoff.as_ref(), &format!("{field}.max_backoff"))?
         .unwrap_or(d.max_backoff.max(initial));
     if max < initial {
@@ -201,7 +210,10 @@ pub fn spec(s: Option<pb::JobSpec>, f: &str) -> R<JobSpec> {
     if s.payload.len() > MAX_PAYLOAD {
         return Err(inv(
             &format!("{f}.payload"),
-            format!("{} bytes is over the limit of {MAX_PAYLOAD}", s.payload.len()),
+            format!(
+                "{} bytes is over the limit of {MAX_PAYLOAD}",
+                s.payload.len()
+            ),
         ));
     }
     if s.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
@@ -212,12 +224,15 @@ pub fn spec(s: Option<pb::JobSpec>, f: &str) -> R<JobSpec> {
     }
     let run_timeout = duration(s.run_timeout.as_ref(), &format!("{f}.run_timeout"))?;
     if run_timeout == Some(Duration::ZERO) {
-        return Err(inv(&format!("{f}.run_timeout"), "must be positive (unset = none)"));
+        return Err(inv(
+            &format!("{f}.run_timeout"),
+            "must be positive (unset = none)",
+        ));
     }
     Ok(JobSpec {
         namespace: namespace(&s.namespace, &format!("{f}.namespace"))?,
         queue: name(&s.queue, &format!("{f}.queue"))?,
-        payload: s.payload.into(),
+        payload: s.payload,
         labels: Arc::new(labels(s.labels, &format!("{f}.labels"))?),
         priority: s.priority,
         idempotency_key: (!s.idempotency_key.is_empty()).then_some(s.idempotency_key),
@@ -235,7 +250,11 @@ pub fn pb_job(j: &Job) -> pb::Job {
         namespace: j.namespace.to_string(),
         queue: j.queue.to_string(),
         payload: j.payload.clone(),
-        labels: j.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        labels: j
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         priority: j.priority,
         idempotency_key: j.idempotency_key.clone().unwrap_or_default(),
         state: pb_state(j.state) as i32,
@@ -248,7 +267,11 @@ pub fn pb_job(j: &Job) -> pb::Job {
         error: j.error.as_ref().map(pb_error),
         waiting_for: j.waiting_for.clone(),
         progress: j.progress,
-        worker_id: j.worker_id.as_ref().map(|w| w.to_string()).unwrap_or_default(),
+        worker_id: j
+            .worker_id
+            .as_ref()
+            .map(|w| w.to_string())
+            .unwrap_or_default(),
         cancel_requested: j.cancel_requested,
         created_at: Some(pb_timestamp(j.created_at)),
         scheduled_at: Some(pb_timestamp(j.scheduled_at)),
@@ -326,7 +349,10 @@ pub fn pb_cancel_outcome(o: CancelOutcome) -> pb::CancelOutcome {
 /// Validates a queue config.
 pub fn queue_config(c: Option<pb::QueueConfig>, f: &str) -> R<QueueConfig> {
     let c = c.unwrap_or_default();
-    let run = duration(c.default_run_timeout.as_ref(), &format!("{f}.default_run_timeout"))?;
+    let run = duration(
+        c.default_run_timeout.as_ref(),
+        &format!("{f}.default_run_timeout"),
+    )?;
     if run == Some(Duration::ZERO) {
         return Err(inv(
             &format!("{f}.default_run_timeout"),
@@ -342,7 +368,10 @@ pub fn queue_config(c: Option<pb::QueueConfig>, f: &str) -> R<QueueConfig> {
         )?,
         max_depth: c.max_depth,
         paused: c.paused,
-        default_max_wait: duration(c.default_max_wait.as_ref(), &format!("{f}.default_max_wait"))?,
+        default_max_wait: duration(
+            c.default_max_wait.as_ref(),
+            &format!("{f}.default_max_wait"),
+        )?,
     })
 }
 
@@ -377,7 +406,11 @@ pub fn pb_worker(w: &WorkerInfo) -> pb::WorkerInfo {
         running: w.running,
         draining: w.draining,
         connected: w.connected,
-        labels: w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        labels: w
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         lease_expires_at: Some(pb_timestamp(w.lease_expires_at)),
     }
 }
@@ -406,7 +439,12 @@ pub fn hello(h: pb::WorkerHello) -> R<WorkerHello> {
         .running
         .iter()
         .enumerate()
-        .map(|(i, r)| Ok((job_id(&r.job_id, &format!("hello.running[{i}].job_id"))?, r.attempt)))
+        .map(|(i, r)| {
+            Ok((
+                job_id(&r.job_id, &format!("hello.running[{i}].job_id"))?,
+                r.attempt,
+            ))
+        })
         .collect::<R<Vec<_>>>()?;
     Ok(WorkerHello {
         worker_id: WorkerId(h.worker_id.into()),
@@ -445,11 +483,16 @@ pub fn report(r: pb::WorkerReport, i: usize) -> R<Report> {
             let stream = match pb::OutputStream::try_from(o.stream) {
                 Ok(pb::OutputStream::Stdout) => OutputStream::Stdout,
                 Ok(pb::OutputStream::Stderr) => OutputStream::Stderr,
-                _ => return Err(inv(&format!("{f}.output.stream"), "must be STDOUT or STDERR")),
+                _ => {
+                    return Err(inv(
+                        &format!("{f}.output.stream"),
+                        "must be STDOUT or STDERR",
+                    ))
+                }
             };
             ReportKind::Output {
                 stream,
-                data: Bytes::from(o.data),
+                data: o.data,
             }
         }
         Some(pb::worker_report::Kind::Outcome(o)) => {
@@ -462,7 +505,7 @@ pub fn report(r: pb::WorkerReport, i: usize) -> R<Report> {
                             format!("must be at most {MAX_PAYLOAD} bytes"),
                         ));
                     }
-                    Outcome::Success(Bytes::from(s.result))
+                    Outcome::Success(s.result)
                 }
                 Some(pb::attempt_outcome::Kind::Failure(e)) => Outcome::Failure {
                     message: e.message.chars().take(4096).collect(),

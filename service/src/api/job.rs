@@ -90,7 +90,10 @@ impl pb::job_service_server::JobService for Jobs {
             return Err(invalid("specs", "must hold at least one job"));
         }
         if specs.len() > MAX_BATCH {
-            return Err(invalid("specs", format!("at most {MAX_BATCH} jobs per batch")));
+            return Err(invalid(
+                "specs",
+                format!("at most {MAX_BATCH} jobs per batch"),
+            ));
         }
         let specs = specs
             .into_iter()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use jobplane_proto::pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::engine::Engine;
 use crate::ServeError;
@@ -58,9 +58,11 @@ pub async fn serve(
             .max_encoding_message_size(MAX_MESSAGE);
     let admin = pb::admin_service_server::AdminServiceServer::new(admin::Admin::new(engine));
 
-    let incoming = TcpListenerStream::new(listener);
+    // Small messages (acks, assignments) must not wait for Nagle's algorithm.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health)

@@ -1,10 +1,12 @@
 //! `jobplane.v1.WorkerService`: one bidirectional stream per worker.
 //!
-//! Inbound messages are handled strictly in order, and each batch of reports is committed before
-//! the next message is read: that is the stream's back-pressure, and it is what guarantees that
-//! output reported before an outcome is committed before it. Outbound, consecutive assignments
+//! Inbound messages are handled strictly in order: the engine enqueues their writes in that order,
+//! so output reported before an outcome is always committed before it (in the same transaction
+//! or an earlier one). Reports are pipelined: up to `MAX_PENDING_COMMITS` messages may wait for
+//! their commit while the next ones are read, which is the stream's back-pressure. Outbound, consecutive assignments
 //! are coalesced into one message.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -15,7 +17,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
 use super::error::{invalid, to_status};
-use crate::engine::{Engine, ToWorker};
+use crate::engine::{CommitTicket, Engine, ToWorker};
+
+/// Messages of one stream whose reports may wait for their commit at the same time.
+const MAX_PENDING_COMMITS: usize = 64;
 
 /// Most assignments coalesced into one message.
 const MAX_ASSIGNMENTS_PER_MESSAGE: usize = 512;
@@ -130,6 +135,7 @@ impl pb::worker_service_server::WorkerService for Workers {
         let engine = self.engine.clone();
         let s = session.clone();
         tokio::spawn(async move {
+            let mut pending: VecDeque<CommitTicket> = VecDeque::new();
             loop {
                 let msg = match inbound.message().await {
                     Ok(Some(m)) => m,
@@ -150,8 +156,25 @@ impl pb::worker_service_server::WorkerService for Workers {
                                 }
                             }
                         }
-                        if let Err(e) = engine.reports(&s, reports).await {
-                            tracing::warn!(worker = %s.worker_id, error = %e, "reports failed");
+                        match engine.reports(&s, reports) {
+                            Ok(ticket) => pending.push_back(ticket),
+                            Err(e) => {
+                                tracing::warn!(worker = %s.worker_id, error = %e, "reports failed");
+                                break;
+                            }
+                        }
+                        // Back-pressure: at most MAX_PENDING_COMMITS messages of this stream
+                        // wait for their commit before the next message is read.
+                        let mut failed = false;
+                        while pending.len() > MAX_PENDING_COMMITS {
+                            let ticket = pending.pop_front().expect("pending");
+                            if let Err(e) = ticket.committed().await {
+                                tracing::warn!(worker = %s.worker_id, error = %e, "commit failed");
+                                failed = true;
+                                break;
+                            }
+                        }
+                        if failed {
                             break;
                         }
                     }

@@ -143,7 +143,9 @@ async fn run(
         let result = if writes.is_empty() {
             Ok(())
         } else if fatal.is_cancelled() {
-            Err(EngineError::Unavailable("the service is stopping after a database failure".into()))
+            Err(EngineError::Unavailable(
+                "the service is stopping after a database failure".into(),
+            ))
         } else {
             match store.apply(&writes).await {
                 Ok(()) => {
@@ -155,7 +157,9 @@ async fn run(
                 Err(e) => {
                     tracing::error!(error = %e, writes = writes.len(), "commit failed; stopping");
                     fatal.cancel();
-                    Err(EngineError::Unavailable("the database failed; try again".into()))
+                    Err(EngineError::Unavailable(
+                        "the database failed; try again".into(),
+                    ))
                 }
             }
         };

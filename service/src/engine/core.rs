@@ -61,6 +61,10 @@ struct WorkerState {
     concurrency: u32,
     labels: BTreeMap<String, String>,
     inflight: HashSet<JobId>,
+    /// Attempts the service ended without the worker (run timeout, forced cancel) that the
+    /// worker may still be running: they keep using a slot until the worker reports on them or
+    /// reconnects without them, so the worker never runs more than its concurrency.
+    zombies: HashSet<(JobId, u32)>,
     tx: Option<mpsc::UnboundedSender<ToWorker>>,
     session: u64,
     lease_expires: Instant,
@@ -69,7 +73,9 @@ struct WorkerState {
 
 impl WorkerState {
     fn has_credit(&self) -> bool {
-        self.tx.is_some() && !self.draining && (self.inflight.len() as u32) < self.concurrency
+        self.tx.is_some()
+            && !self.draining
+            && ((self.inflight.len() + self.zombies.len()) as u32) < self.concurrency
     }
 }
 
@@ -160,7 +166,7 @@ impl Core {
             let state = job.state;
             let worker = job.worker_id.clone();
             let max_wait_at = (job.attempt == 0)
-                .then(|| job.max_wait.map(|w| job.scheduled_at.add(w)))
+                .then(|| job.max_wait.map(|w| job.scheduled_at.plus(w)))
                 .flatten();
             let scheduled_at = job.scheduled_at;
             self.jobs.insert(
@@ -201,6 +207,7 @@ impl Core {
                             concurrency: 0,
                             labels: BTreeMap::new(),
                             inflight: HashSet::new(),
+                            zombies: HashSet::new(),
                             tx: None,
                             session: 0,
                             lease_expires: lease,
@@ -699,7 +706,7 @@ impl Core {
                 key: key.clone(),
                 job_id: id,
                 digest,
-                expires_at: now.add(self.config.idempotency_retention),
+                expires_at: now.plus(self.config.idempotency_retention),
             };
             self.idempotency
                 .insert((rec.namespace.clone(), rec.key.clone()), rec.clone());
@@ -728,7 +735,7 @@ impl Core {
             self.make_ready(id);
         }
         if let Some(w) = job.max_wait {
-            let at = self.at(now, scheduled_at.add(w));
+            let at = self.at(now, scheduled_at.plus(w));
             let k = self.timer(at, Timer::MaxWait(id));
             self.active_mut(id).wait_timer = Some(k);
         }
@@ -804,6 +811,12 @@ impl Core {
         Some(result)
     }
 
+    fn add_zombie(&mut self, job: &Job) {
+        if let Some(w) = job.worker_id.as_ref().and_then(|w| self.workers.get_mut(w)) {
+            w.zombies.insert((job.id, job.attempt));
+        }
+    }
+
     fn ask_worker_to_stop(&self, job: &Job, grace: Duration, reason: &str, out: &mut Outbox) {
         let Some(wid) = &job.worker_id else { return };
         if let Some(tx) = self.workers.get(wid).and_then(|w| w.tx.clone()) {
@@ -856,7 +869,7 @@ impl Core {
         now: Timestamp,
         out: &mut Outbox,
     ) -> Option<Arc<Job>> {
-        let until = now.add(delay);
+        let until = now.plus(delay);
         let job = self
             .apply(id, trigger, now, out, |j| {
                 if counts {
@@ -914,6 +927,7 @@ impl Core {
                     _ => lost.push(*id),
                 }
             }
+            old.zombies.retain(|(id, a)| claimed.get(id) == Some(a));
             let old_queues = std::mem::take(&mut old.queues);
             for q in old_queues {
                 if let Some(qs) = self.queues.get_mut(&q) {
@@ -932,6 +946,7 @@ impl Core {
                 concurrency: 0,
                 labels: BTreeMap::new(),
                 inflight: HashSet::new(),
+                zombies: HashSet::new(),
                 tx: None,
                 session: 0,
                 lease_expires,
@@ -1100,6 +1115,17 @@ impl Core {
         now: Timestamp,
         out: &mut Outbox,
     ) -> Result<(), &'static str> {
+        if matches!(kind, ReportKind::Outcome(_)) {
+            // The worker is done with an attempt the service had already ended: its slot is free.
+            if let Some(w) = self.workers.get_mut(&s.worker_id) {
+                if w.zombies.remove(&(id, attempt)) {
+                    let queues = w.queues.clone();
+                    for q in &queues {
+                        self.mark_dirty(q);
+                    }
+                }
+            }
+        }
         let Some(job) = self.active_job(id) else {
             return Err("UNKNOWN_JOB");
         };
@@ -1315,6 +1341,7 @@ impl Core {
                 if job.state == JobState::Running && job.attempt == attempt {
                     self.active_mut(id).state_timer = None;
                     self.ask_worker_to_stop(&job, Duration::ZERO, "RUN_TIMEOUT", out);
+                    self.add_zombie(&job);
                     let t = job.run_timeout.unwrap_or_default();
                     self.fail_attempt(
                         id,
@@ -1340,6 +1367,9 @@ impl Core {
                     && matches!(job.state, JobState::Leased | JobState::Running)
                 {
                     self.active_mut(id).cancel_timer = None;
+                    if job.state == JobState::Running {
+                        self.add_zombie(&job);
+                    }
                     let _ = self.apply(id, Trigger::Cancel, now, out, |j| {
                         if let Some(e) = &mut j.error {
                             e.message.push_str(" (forced after the grace period)");
@@ -1437,7 +1467,7 @@ impl Core {
             draining: w.draining,
             connected: w.tx.is_some(),
             labels: w.labels.clone(),
-            lease_expires_at: Timestamp::now().add(left),
+            lease_expires_at: Timestamp::now().plus(left),
         })
     }
 
@@ -1526,7 +1556,7 @@ impl Core {
             }
             if w.tx.is_some() {
                 assert!(
-                    w.inflight.len() as u32 <= w.concurrency,
+                    (w.inflight.len() + w.zombies.len()) as u32 <= w.concurrency,
                     "credit of {}",
                     w.id
                 );

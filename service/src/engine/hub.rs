@@ -5,6 +5,7 @@
 //! nobody watches, and thousands of waiters cost no database query while nothing changes.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, watch};
@@ -25,6 +26,10 @@ struct Topic {
 #[derive(Default)]
 pub struct Hub {
     topics: Mutex<HashMap<JobId, Topic>>,
+    /// Number of topics, read without the lock so publishing costs nothing when nobody
+    /// subscribes. A subscriber registers before it reads the store, and a publication follows
+    /// its commit, so a publication skipped for want of topics is in the subscriber's read.
+    live: AtomicUsize,
 }
 
 /// A subscription to one job; dropping it unsubscribes.
@@ -42,10 +47,13 @@ impl Hub {
     /// committed in between is missed.
     pub fn subscribe(self: &Arc<Self>, id: JobId) -> Subscription {
         let mut topics = self.topics.lock().expect("hub lock");
-        let topic = topics.entry(id).or_insert_with(|| Topic {
-            snapshot: watch::channel(None).0,
-            events: broadcast::channel(EVENT_CHANNEL_CAPACITY).0,
-            subscribers: 0,
+        let topic = topics.entry(id).or_insert_with(|| {
+            self.live.fetch_add(1, Ordering::SeqCst);
+            Topic {
+                snapshot: watch::channel(None).0,
+                events: broadcast::channel(EVENT_CHANNEL_CAPACITY).0,
+                subscribers: 0,
+            }
         });
         topic.subscribers += 1;
         Subscription {
@@ -63,6 +71,9 @@ impl Hub {
             (None, Some(e)) => e.job_id,
             (None, None) => return,
         };
+        if self.live.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let topics = self.topics.lock().expect("hub lock");
         let Some(topic) = topics.get(&id) else {
             return;
@@ -96,6 +107,7 @@ impl Drop for Subscription {
             t.subscribers -= 1;
             if t.subscribers == 0 {
                 topics.remove(&self.id);
+                self.hub.live.fetch_sub(1, Ordering::SeqCst);
             }
         }
     }

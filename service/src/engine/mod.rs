@@ -290,6 +290,16 @@ pub struct Engine {
     committer_stop: CancellationToken,
 }
 
+/// Resolves when the writes of an operation are committed.
+pub struct CommitTicket(Option<tokio::sync::oneshot::Receiver<Result<(), EngineError>>>);
+
+impl CommitTicket {
+    /// Waits for the commit.
+    pub async fn committed(self) -> Result<(), EngineError> {
+        Engine::committed(self.0).await
+    }
+}
+
 /// Background tasks of a started engine.
 pub struct EngineTasks {
     committer: tokio::task::JoinHandle<()>,
@@ -430,7 +440,14 @@ impl Engine {
         let mut out = Vec::with_capacity(res.len());
         for r in res {
             match r {
-                CoreSubmitted::Created(job) => out.push(Submitted { job, created: true }),
+                CoreSubmitted::Created(job) => {
+                    let job = if job.state == JobState::Queued {
+                        Arc::new(self.explain((*job).clone()))
+                    } else {
+                        job
+                    };
+                    out.push(Submitted { job, created: true })
+                }
                 CoreSubmitted::Existing(id) => {
                     let job = self
                         .store
@@ -656,15 +673,17 @@ impl Engine {
         Ok(s)
     }
 
-    /// Handles a worker's reports; returns once they are committed (back-pressure per stream).
-    pub async fn reports(
+    /// Handles a worker's reports at once (in order with everything else the engine does) and
+    /// returns a ticket that resolves when they are committed. The stream handler keeps a
+    /// bounded number of tickets outstanding: pipelining without unbounded buffering.
+    pub fn reports(
         &self,
         s: &WorkerSession,
         reports: Vec<Report>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<CommitTicket, EngineError> {
         self.check_open()?;
         let ((), rx) = self.with_core(|core, now, out| core.reports(s, reports, now, out));
-        Self::committed(rx).await
+        Ok(CommitTicket(rx))
     }
 
     /// Renews a worker's lease.

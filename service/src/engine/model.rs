@@ -25,8 +25,11 @@ impl Timestamp {
     }
 
     /// This time plus a duration.
-    pub fn add(self, d: Duration) -> Self {
-        Timestamp(self.0.saturating_add(d.as_micros().min(i64::MAX as u128) as i64))
+    pub fn plus(self, d: Duration) -> Self {
+        Timestamp(
+            self.0
+                .saturating_add(d.as_micros().min(i64::MAX as u128) as i64),
+        )
     }
 
     /// Time from `earlier` to `self`, zero if negative.

@@ -92,7 +92,10 @@ mod tests {
         t.remove(k);
         assert_eq!(t.len(), 2);
         assert_eq!(t.pop_due(now), None);
-        assert_eq!(t.pop_due(now + Duration::from_secs(1)), Some(Timer::Ready(a)));
+        assert_eq!(
+            t.pop_due(now + Duration::from_secs(1)),
+            Some(Timer::Ready(a))
+        );
         assert_eq!(t.next_deadline(), Some(now + Duration::from_secs(2)));
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! A batch is applied in one transaction with as few statements as possible: all writes of one
 //! job in the batch collapse into one row write (a job submitted and dispatched in the same batch
-//! is inserted once, already leased), new rows and events go in multi-row `INSERT`s.
+//! is inserted once, already leased), new rows and events go in multi-row `INSERT`s, and updates
+//! in multi-row `UPDATE … FROM (VALUES …)` statements guarded by each row's expected version.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -58,14 +59,17 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database and runs the embedded migrations.
+    ///
+    /// Besides sqlx's own URL parameters, `synchronous=full|normal` chooses the durability of a
+    /// commit: `full` (the default) survives power loss, `normal` survives a crash of the
+    /// process (`kill -9`) but may lose the last commits on power loss.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let opts = SqliteConnectOptions::from_str(url)
+        let (url, synchronous) = split_synchronous(url)?;
+        let opts = SqliteConnectOptions::from_str(&url)
             .map_err(|e| StoreError::Config(e.to_string()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // FULL: a commit is on disk before a submit is acknowledged, even across power loss.
-            // Group commit keeps the fsync per batch, not per job.
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(synchronous)
             .busy_timeout(Duration::from_secs(10))
             .pragma("temp_store", "memory")
             .pragma("cache_size", "-65536");
@@ -201,43 +205,60 @@ impl Store for SqliteStore {
             });
             qb.build().execute(&mut *tx).await?;
         }
-        for id in &order {
-            let jw = &jobs[id];
-            if jw.insert {
-                continue;
-            }
-            let job = &*jw.latest;
-            let done = sqlx::query(
-                "UPDATE jobs SET state = ?, attempt = ?, retries_used = ?, result = ?, \
-                 error_reason = ?, error_message = ?, waiting_for = ?, progress = ?, \
-                 worker_id = ?, cancel_requested = ?, scheduled_at = ?, started_at = ?, \
-                 finished_at = ?, updated_at = ?, last_seq = ?, version = ?, output_bytes = ? \
-                 WHERE id = ? AND version = ?",
-            )
-            .bind(job.state.as_str())
-            .bind(job.attempt as i64)
-            .bind(job.retries_used as i64)
-            .bind(job.result.as_ref().map(|r| r.to_vec()))
-            .bind(job.error.as_ref().map(|e| e.reason.clone()))
-            .bind(job.error.as_ref().map(|e| e.message.clone()))
-            .bind(&job.waiting_for)
-            .bind(job.progress)
-            .bind(job.worker_id.as_ref().map(|w| w.0.to_string()))
-            .bind(job.cancel_requested)
-            .bind(job.scheduled_at.0)
-            .bind(job.started_at.map(|t| t.0))
-            .bind(job.finished_at.map(|t| t.0))
-            .bind(job.updated_at.0)
-            .bind(job.last_seq as i64)
-            .bind(job.version as i64)
-            .bind(job.output_bytes as i64)
-            .bind(job.id.0.to_string())
-            .bind(jw.expected_version as i64)
-            .execute(&mut *tx)
-            .await?;
-            if done.rows_affected() != 1 {
+        let updates: Vec<&JobWrite> = order
+            .iter()
+            .filter_map(|id| jobs.get(id))
+            .filter(|jw| !jw.insert)
+            .collect();
+        for chunk in updates.chunks(ROWS_PER_INSERT) {
+            // One statement per chunk: a VALUES table of new rows joined on id and expected
+            // version. Every row must match, or the batch is a conflict and rolls back.
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "WITH v(id, expected, state, attempt, retries_used, result, error_reason, \
+                 error_message, waiting_for, progress, worker_id, cancel_requested, scheduled_at, \
+                 started_at, finished_at, updated_at, last_seq, version, output_bytes) AS (",
+            );
+            qb.push_values(chunk, |mut b, jw| {
+                let job = &*jw.latest;
+                b.push_bind(job.id.0.to_string())
+                    .push_bind(jw.expected_version as i64)
+                    .push_bind(job.state.as_str())
+                    .push_bind(job.attempt as i64)
+                    .push_bind(job.retries_used as i64)
+                    .push_bind(job.result.as_ref().map(|r| r.to_vec()))
+                    .push_bind(job.error.as_ref().map(|e| e.reason.clone()))
+                    .push_bind(job.error.as_ref().map(|e| e.message.clone()))
+                    .push_bind(job.waiting_for.clone())
+                    .push_bind(job.progress)
+                    .push_bind(job.worker_id.as_ref().map(|w| w.0.to_string()))
+                    .push_bind(job.cancel_requested)
+                    .push_bind(job.scheduled_at.0)
+                    .push_bind(job.started_at.map(|t| t.0))
+                    .push_bind(job.finished_at.map(|t| t.0))
+                    .push_bind(job.updated_at.0)
+                    .push_bind(job.last_seq as i64)
+                    .push_bind(job.version as i64)
+                    .push_bind(job.output_bytes as i64);
+            });
+            qb.push(
+                ") UPDATE jobs SET state = v.state, attempt = v.attempt, \
+                 retries_used = v.retries_used, result = v.result, error_reason = v.error_reason, \
+                 error_message = v.error_message, waiting_for = v.waiting_for, \
+                 progress = v.progress, worker_id = v.worker_id, \
+                 cancel_requested = v.cancel_requested, scheduled_at = v.scheduled_at, \
+                 started_at = v.started_at, finished_at = v.finished_at, \
+                 updated_at = v.updated_at, last_seq = v.last_seq, version = v.version, \
+                 output_bytes = v.output_bytes \
+                 FROM v WHERE jobs.id = v.id AND jobs.version = v.expected",
+            );
+            let done = qb.build().execute(&mut *tx).await?;
+            if done.rows_affected() != chunk.len() as u64 {
                 return Err(StoreError::Conflict {
-                    what: format!("job {} (expected version {})", job.id, jw.expected_version),
+                    what: format!(
+                        "{} of {} job updates found their expected version",
+                        done.rows_affected(),
+                        chunk.len()
+                    ),
                 });
             }
         }
@@ -354,7 +375,8 @@ impl Store for SqliteStore {
         let mut qb: QueryBuilder<Sqlite> =
             QueryBuilder::new(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1"));
         if let Some(ns) = &filter.namespace {
-            qb.push(" AND namespace = ").push_bind(ns.as_str().to_owned());
+            qb.push(" AND namespace = ")
+                .push_bind(ns.as_str().to_owned());
         }
         if let Some(q) = &filter.queue {
             qb.push(" AND queue = ").push_bind(q.as_str().to_owned());
@@ -429,6 +451,37 @@ impl Store for SqliteStore {
         self.writer.close().await;
         self.readers.close().await;
     }
+}
+
+/// Takes jobplane's `synchronous` parameter out of a SQLite URL.
+fn split_synchronous(url: &str) -> Result<(String, SqliteSynchronous), StoreError> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), SqliteSynchronous::Full));
+    };
+    let mut sync = SqliteSynchronous::Full;
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("synchronous", v)) => {
+                sync = match v.to_ascii_lowercase().as_str() {
+                    "full" => SqliteSynchronous::Full,
+                    "normal" => SqliteSynchronous::Normal,
+                    other => {
+                        return Err(StoreError::Config(format!(
+                            "synchronous={other}: expected full or normal"
+                        )))
+                    }
+                }
+            }
+            _ => rest.push(pair),
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((url, sync))
 }
 
 fn name(s: String) -> Result<Name, StoreError> {

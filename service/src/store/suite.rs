@@ -239,7 +239,10 @@ pub async fn list_filters_and_pages(store: Arc<dyn Store>) {
         queue: Some(Name::parse("alpha").unwrap()),
         ..base.clone()
     };
-    assert_eq!(ids(store.list_jobs(&by_queue).await.unwrap()), vec![b.id, a.id]);
+    assert_eq!(
+        ids(store.list_jobs(&by_queue).await.unwrap()),
+        vec![b.id, a.id]
+    );
     let by_state = JobFilter {
         states: vec![JobState::Succeeded],
         ..base.clone()
@@ -249,7 +252,10 @@ pub async fn list_filters_and_pages(store: Arc<dyn Store>) {
         labels: [("team".to_string(), "red".to_string())].into(),
         ..base.clone()
     };
-    assert_eq!(ids(store.list_jobs(&by_label).await.unwrap()), vec![c.id, a.id]);
+    assert_eq!(
+        ids(store.list_jobs(&by_label).await.unwrap()),
+        vec![c.id, a.id]
+    );
     let page1 = JobFilter {
         limit: 2,
         ..base.clone()
@@ -263,7 +269,7 @@ pub async fn list_filters_and_pages(store: Arc<dyn Store>) {
     };
     assert_eq!(ids(store.list_jobs(&page2).await.unwrap()), vec![a.id]);
     let future = JobFilter {
-        created_after: Some(Timestamp::now().add(Duration::from_secs(60))),
+        created_after: Some(Timestamp::now().plus(Duration::from_secs(60))),
         ..base.clone()
     };
     assert!(store.list_jobs(&future).await.unwrap().is_empty());
@@ -296,7 +302,7 @@ pub async fn recover_active_state(store: Arc<dyn Store>) {
         key: "live".into(),
         job_id: queued.id,
         digest: "d".into(),
-        expires_at: Timestamp::now().add(Duration::from_secs(3600)),
+        expires_at: Timestamp::now().plus(Duration::from_secs(3600)),
     };
     let dead = IdempotencyRecord {
         key: "dead".into(),
