@@ -1,0 +1,259 @@
+//! jobplane benchmark: starts a service on a temp SQLite file, runs no-op jobs on in-process
+//! workers over real gRPC, and prints figures. The last line is JSON.
+//!
+//! ```text
+//! cargo run --release -p jobplane-bench -- --jobs 20000 --workers 4
+//! ```
+//!
+//! Phases:
+//! 1. batched: submitters send `SubmitJobs` batches; jobs/s from the first submit until every job
+//!    is SUCCEEDED (confirmed by WaitJobs);
+//! 2. unbatched: concurrent single `SubmitJob` calls, same measure;
+//! 3. latency at low load: one job at a time; submit → handler start, and handler end →
+//!    WaitJob return (the wake-up path).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use jobplane::worker::{JobContext, Worker, WorkerHandle};
+use jobplane::{Client, JobSpec, JobState, WaitMode};
+
+#[derive(Parser, Debug)]
+#[command(about = "Prints jobplane throughput and latency figures")]
+struct Args {
+    /// Jobs in the batched phase (the unbatched phase runs a quarter of them).
+    #[arg(long, default_value_t = 20_000)]
+    jobs: usize,
+    /// In-process workers.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Concurrency of each worker.
+    #[arg(long, default_value_t = 256)]
+    concurrency: u32,
+    /// Jobs per SubmitJobs call in the batched phase.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Concurrent submitters.
+    #[arg(long, default_value_t = 8)]
+    submitters: usize,
+    /// SQLite durability: `full` (survives power loss) or `normal` (survives kill -9).
+    #[arg(long, default_value = "full")]
+    synchronous: String,
+    /// Jobs in the latency phase.
+    #[arg(long, default_value_t = 1000)]
+    latency_jobs: usize,
+}
+
+#[derive(Default)]
+struct Marks {
+    started: HashMap<String, Instant>,
+    finished: HashMap<String, Instant>,
+}
+
+async fn start_workers(
+    addr: &str,
+    n: usize,
+    concurrency: u32,
+    marks: Arc<Mutex<Marks>>,
+) -> Vec<WorkerHandle> {
+    (0..n)
+        .map(|_| {
+            let marks = marks.clone();
+            Worker::builder(addr)
+                .concurrency(concurrency)
+                .handler("bench", move |ctx: JobContext| {
+                    let marks = marks.clone();
+                    async move {
+                        let now = Instant::now();
+                        if ctx.payload() == b"mark" {
+                            marks
+                                .lock()
+                                .expect("marks")
+                                .started
+                                .insert(ctx.job_id().to_string(), now);
+                            marks
+                                .lock()
+                                .expect("marks")
+                                .finished
+                                .insert(ctx.job_id().to_string(), Instant::now());
+                        }
+                        Ok(Vec::new())
+                    }
+                })
+                .build()
+                .expect("worker")
+                .spawn()
+        })
+        .collect()
+}
+
+async fn wait_all(client: &Client, ids: &[String]) -> anyhow::Result<()> {
+    for chunk in ids.chunks(10_000) {
+        loop {
+            let r = client
+                .wait_many(
+                    chunk.iter().cloned(),
+                    WaitMode::All,
+                    Duration::from_secs(60),
+                )
+                .await?;
+            if r.reached {
+                anyhow::ensure!(
+                    r.results.iter().all(|w| w.job.state == JobState::Succeeded),
+                    "a job did not succeed"
+                );
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn throughput(
+    client: &Client,
+    n: usize,
+    batch: usize,
+    submitters: usize,
+) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    let per = n.div_ceil(submitters);
+    let mut tasks = Vec::new();
+    for s in 0..submitters {
+        let c = client.clone();
+        let count = per.min(n.saturating_sub(s * per));
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::with_capacity(count);
+            let mut left = count;
+            while left > 0 {
+                let k = left.min(batch);
+                if batch == 1 {
+                    ids.push(c.submit(JobSpec::new("bench")).await?.job.id);
+                } else {
+                    let specs = (0..k).map(|_| JobSpec::new("bench")).collect();
+                    ids.extend(c.submit_batch(specs).await?.into_iter().map(|s| s.job.id));
+                }
+                left -= k;
+            }
+            anyhow::Ok(ids)
+        }));
+    }
+    let mut ids = Vec::with_capacity(n);
+    for t in tasks {
+        ids.extend(t.await??);
+    }
+    let submitted = t0.elapsed();
+    wait_all(client, &ids).await?;
+    let total = t0.elapsed();
+    eprintln!(
+        "  {n} jobs: submitted in {:.3}s, all succeeded after {:.3}s",
+        submitted.as_secs_f64(),
+        total.as_secs_f64()
+    );
+    Ok(n as f64 / total.as_secs_f64())
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let db = format!(
+        "sqlite://{}?synchronous={}",
+        dir.path().join("bench.db").display(),
+        args.synchronous
+    );
+    let store = jobplane_server::store::open(&db).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = format!("http://{}", listener.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(jobplane_server::run(
+        listener,
+        store,
+        jobplane_server::EngineConfig::default(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let client = Client::connect(addr.clone()).await.context("connect")?;
+    let marks = Arc::new(Mutex::new(Marks::default()));
+    let workers = start_workers(&addr, args.workers, args.concurrency, marks.clone()).await;
+    // Warm up: connections, prepared statements, worker streams.
+    throughput(&client, 500, 100, 2).await?;
+
+    eprintln!(
+        "batched: {} jobs, batches of {}, {} submitters, {} workers x {}",
+        args.jobs, args.batch, args.submitters, args.workers, args.concurrency
+    );
+    let batched = throughput(&client, args.jobs, args.batch, args.submitters).await?;
+    eprintln!("  {batched:.0} jobs/s");
+    let unbatched_n = (args.jobs / 4).max(1);
+    eprintln!(
+        "unbatched: {unbatched_n} jobs, {} concurrent single submits",
+        args.submitters * 8
+    );
+    let unbatched = throughput(&client, unbatched_n, 1, args.submitters * 8).await?;
+    eprintln!("  {unbatched:.0} jobs/s");
+
+    eprintln!("latency: {} jobs one at a time", args.latency_jobs);
+    let mut start = Histogram::<u64>::new(3)?;
+    let mut wake = Histogram::<u64>::new(3)?;
+    let mut submit_rtt = Histogram::<u64>::new(3)?;
+    for _ in 0..args.latency_jobs {
+        let t = Instant::now();
+        let id = client
+            .submit(JobSpec::new("bench").payload("mark"))
+            .await?
+            .job
+            .id;
+        submit_rtt.record(t.elapsed().as_micros() as u64)?;
+        let w = client.wait(&id, Duration::from_secs(30)).await?;
+        let woke = Instant::now();
+        anyhow::ensure!(w.job.state == JobState::Succeeded, "latency job failed");
+        let m = marks.lock().expect("marks");
+        let s = m.started[&id];
+        let f = m.finished[&id];
+        start.record(s.duration_since(t).as_micros() as u64)?;
+        wake.record(woke.duration_since(f).as_micros() as u64)?;
+    }
+    eprintln!(
+        "  submit round trip p50 {:.3} ms p99 {:.3} ms",
+        ms(&submit_rtt, 0.5),
+        ms(&submit_rtt, 0.99)
+    );
+    eprintln!(
+        "  submit->start p50 {:.3} ms p99 {:.3} ms; handler end->wait returns p50 {:.3} ms p99 {:.3} ms",
+        ms(&start, 0.5),
+        ms(&start, 0.99),
+        ms(&wake, 0.5),
+        ms(&wake, 0.99)
+    );
+
+    for w in workers {
+        w.stop().await?;
+    }
+    let _ = stop_tx.send(());
+    server.await??;
+    let out = serde_json::json!({
+        "jobs": args.jobs,
+        "workers": args.workers,
+        "concurrency": args.concurrency,
+        "batch": args.batch,
+        "jobs_per_sec": batched.round(),
+        "unbatched_jobs_per_sec": unbatched.round(),
+        "start_p50_ms": ms(&start, 0.5),
+        "start_p99_ms": ms(&start, 0.99),
+        "wait_wake_p50_ms": ms(&wake, 0.5),
+        "wait_wake_p99_ms": ms(&wake, 0.99),
+        "submit_rtt_p50_ms": ms(&submit_rtt, 0.5),
+        "submit_rtt_p99_ms": ms(&submit_rtt, 0.99),
+    });
+    println!("{out}");
+    Ok(())
+}
