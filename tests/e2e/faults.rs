@@ -194,3 +194,90 @@ async fn kill_9_during_submits_loses_no_acknowledged_job() {
     }
     server.kill9().await;
 }
+
+#[tokio::test]
+async fn sigterm_stops_gracefully_and_a_restart_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path()).await;
+    let client = jobplane::Client::connect(server.addr.clone())
+        .await
+        .unwrap();
+    let jobs = client
+        .submit_batch((0..50).map(|_| JobSpec::new("after-restart")).collect())
+        .await
+        .unwrap();
+    // A worker connected while the service stops: its stream ends, it does not hang shutdown.
+    let early = spawn_worker(&server.addr, "other", 1, |_ctx: JobContext| async {
+        Ok(vec![])
+    });
+    assert!(server.terminate().await, "exit status 0 after SIGTERM");
+    early.shutdown();
+
+    let server = ServerProcess::start(dir.path()).await;
+    let client = jobplane::Client::connect(server.addr.clone())
+        .await
+        .unwrap();
+    let worker = spawn_worker(&server.addr, "after-restart", 8, |_ctx: JobContext| async {
+        Ok(vec![])
+    });
+    let ids: Vec<String> = jobs.iter().map(|s| s.job.id.clone()).collect();
+    let r = guard(
+        "all jobs after the restart",
+        client.wait_many(ids, jobplane::WaitMode::All, Duration::from_secs(25)),
+    )
+    .await
+    .unwrap();
+    assert!(r.reached);
+    worker.stop().await.unwrap();
+    server.kill9().await;
+}
+
+#[tokio::test]
+async fn drain_stops_new_assignments_and_lets_work_finish() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let r = release.clone();
+    let worker = spawn_worker(&server.addr, "drainq", 2, move |_ctx: JobContext| {
+        let r = r.clone();
+        async move {
+            r.notified().await;
+            Ok(b"finished".to_vec())
+        }
+    });
+    let first = client.submit(JobSpec::new("drainq")).await.unwrap().job;
+    guard(
+        "running",
+        client.wait(
+            &first.id,
+            jobplane::WaitOptions::new()
+                .until([JobState::Running])
+                .timeout(Duration::from_secs(20)),
+        ),
+    )
+    .await
+    .unwrap();
+    let workers = client.list_workers().await.unwrap();
+    assert_eq!(workers.len(), 1);
+    let info = client.drain_worker(&workers[0].id).await.unwrap();
+    assert!(info.draining);
+    let second = client.submit(JobSpec::new("drainq")).await.unwrap().job;
+    let w = client
+        .wait(&second.id, Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(
+        w.job.state,
+        JobState::Queued,
+        "a draining worker gets nothing new"
+    );
+    release.notify_one();
+    let done = guard(
+        "in-flight finishes",
+        client.wait(&first.id, Duration::from_secs(20)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.job.state, JobState::Succeeded);
+    guard("drained worker exits", worker.join()).await.unwrap();
+}

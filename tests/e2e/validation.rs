@@ -82,3 +82,27 @@ async fn another_namespace_sees_nothing() {
         jobplane::JobState::Queued
     );
 }
+
+#[tokio::test]
+async fn a_full_queue_answers_resource_exhausted_with_retry_after() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    client
+        .configure_queue(
+            "small",
+            jobplane::QueueConfig {
+                max_depth: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    client.submit(JobSpec::new("small")).await.unwrap();
+    client.submit(JobSpec::new("small")).await.unwrap();
+    let e = client.submit(JobSpec::new("small")).await.unwrap_err();
+    assert!(matches!(e, Error::ResourceExhausted { .. }), "{e:?}");
+    assert_eq!(e.reason(), Some("QUEUE_FULL"));
+    assert!(e.retry_after().is_some());
+    let page = client.list(ListFilter::new().queue("small")).await.unwrap();
+    assert_eq!(page.jobs.len(), 2);
+}

@@ -113,3 +113,48 @@ async fn a_watcher_sees_progress_live() {
     let _ = Duration::ZERO;
     worker.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn output_past_the_bound_is_truncated_with_a_marker() {
+    let server = TestServer::start_with(jobplane_server::EngineConfig {
+        max_output_bytes: 1000,
+        ..jobplane_tests::fast_config()
+    })
+    .await;
+    let client = server.client().await;
+    let worker = spawn_worker(&server.addr, "flood", 1, |ctx: JobContext| async move {
+        for _ in 0..50 {
+            ctx.stdout(vec![b'x'; 100]).await;
+        }
+        Ok(vec![])
+    });
+    let job = client.submit(JobSpec::new("flood")).await.unwrap().job;
+    let events: Vec<JobEvent> = guard(
+        "watch",
+        client.watch(&job.id, 0).map(|e| e.unwrap()).collect(),
+    )
+    .await;
+    let outputs: Vec<(usize, bool)> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Output {
+                data, truncated, ..
+            } => Some((data.len(), *truncated)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(outputs.iter().map(|(n, _)| n).sum::<usize>(), 1000);
+    assert!(
+        outputs.last().unwrap().1,
+        "the last chunk carries the truncation marker"
+    );
+    assert_eq!(outputs.iter().filter(|(_, t)| *t).count(), 1);
+    assert!(matches!(
+        events.last().unwrap().kind,
+        EventKind::State {
+            to: JobState::Succeeded,
+            ..
+        }
+    ));
+    worker.stop().await.unwrap();
+}

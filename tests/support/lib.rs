@@ -214,6 +214,21 @@ impl ServerProcess {
         ServerProcess { addr, child }
     }
 
+    /// Sends SIGTERM and waits for the process to exit; returns whether it exited with 0.
+    pub async fn terminate(mut self) -> bool {
+        let pid = self.child.id().expect("running").to_string();
+        let status = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .expect("kill -TERM");
+        assert!(status.success());
+        guard("graceful exit", self.child.wait())
+            .await
+            .expect("wait")
+            .success()
+    }
+
     /// Kills the process with SIGKILL.
     pub async fn kill9(mut self) {
         self.child.start_kill().expect("kill");

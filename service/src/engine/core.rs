@@ -1169,7 +1169,9 @@ impl Core {
             }
             ReportKind::Output { stream, data } => {
                 let max = self.config.max_output_bytes;
-                if job.output_bytes >= max {
+                // `output_bytes` passes the bound (max + 1) once the truncation marker is
+                // recorded; from then on output is dropped.
+                if job.output_bytes > max || data.is_empty() {
                     return Ok(());
                 }
                 self.touch(id, now, out, |j| {
@@ -1179,10 +1181,8 @@ impl Core {
                     } else {
                         (data, false)
                     };
-                    // Once the bound is hit, the counter is pinned at the bound so that
-                    // nothing more is recorded, and the chunk carries the marker.
                     j.output_bytes = if truncated {
-                        max
+                        max + 1
                     } else {
                         j.output_bytes + data.len() as u64
                     };

@@ -306,7 +306,8 @@ pub struct Job {
     pub last_seq: u64,
     /// Bumped by every persisted change; guards updates.
     pub version: u64,
-    /// Output bytes recorded so far (for the per-job bound).
+    /// Output bytes recorded so far, for the per-job bound; one more than the bound once output
+    /// was truncated (the marker is recorded).
     pub output_bytes: u64,
 }
 
