@@ -3,6 +3,7 @@
 //! Only committed data goes through the hub: the committer publishes after each transaction.
 //! A topic exists only while someone subscribes to the job, so the hub costs nothing for jobs
 //! nobody watches, and thousands of waiters cost no database query while nothing changes.
+//! Waiters only need snapshots; a topic gets an event channel only once a watcher asks for one.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,11 +15,11 @@ use super::model::{Event, Job, JobId};
 
 /// Capacity of a job's live event channel; a watcher that falls further behind re-reads from
 /// the database.
-const EVENT_CHANNEL_CAPACITY: usize = 1024;
+const EVENT_CHANNEL_CAPACITY: usize = 256;
 
 struct Topic {
     snapshot: watch::Sender<Option<Arc<Job>>>,
-    events: broadcast::Sender<Arc<Event>>,
+    events: Option<broadcast::Sender<Arc<Event>>>,
     subscribers: usize,
 }
 
@@ -32,35 +33,49 @@ pub struct Hub {
     live: AtomicUsize,
 }
 
-/// A subscription to one job; dropping it unsubscribes.
-pub struct Subscription {
+/// Keeps a topic alive; dropping it unsubscribes.
+pub struct SubscriptionGuard {
     hub: Arc<Hub>,
     id: JobId,
+}
+
+/// A subscription to one job.
+pub struct Subscription {
+    /// Unsubscribes when dropped.
+    pub guard: SubscriptionGuard,
     /// The newest committed snapshot published since subscribing (None until one is).
     pub snapshot: watch::Receiver<Option<Arc<Job>>>,
-    /// Committed events published since subscribing.
-    pub events: broadcast::Receiver<Arc<Event>>,
+    /// Committed events published since subscribing (only if asked for).
+    pub events: Option<broadcast::Receiver<Arc<Event>>>,
 }
 
 impl Hub {
-    /// Subscribes to a job's changes. Subscribe *before* reading the store, so that nothing
-    /// committed in between is missed.
-    pub fn subscribe(self: &Arc<Self>, id: JobId) -> Subscription {
+    /// Subscribes to a job's changes, with its events if `events`. Subscribe *before* reading
+    /// the store, so that nothing committed in between is missed.
+    pub fn subscribe(self: &Arc<Self>, id: JobId, events: bool) -> Subscription {
         let mut topics = self.topics.lock().expect("hub lock");
         let topic = topics.entry(id).or_insert_with(|| {
             self.live.fetch_add(1, Ordering::SeqCst);
             Topic {
                 snapshot: watch::channel(None).0,
-                events: broadcast::channel(EVENT_CHANNEL_CAPACITY).0,
+                events: None,
                 subscribers: 0,
             }
         });
         topic.subscribers += 1;
+        let events = events.then(|| {
+            topic
+                .events
+                .get_or_insert_with(|| broadcast::channel(EVENT_CHANNEL_CAPACITY).0)
+                .subscribe()
+        });
         Subscription {
-            hub: self.clone(),
-            id,
+            guard: SubscriptionGuard {
+                hub: self.clone(),
+                id,
+            },
             snapshot: topic.snapshot.subscribe(),
-            events: topic.events.subscribe(),
+            events,
         }
     }
 
@@ -78,9 +93,11 @@ impl Hub {
         let Some(topic) = topics.get(&id) else {
             return;
         };
-        for e in events {
-            // No receiver means every subscriber is gone; nothing to do.
-            let _ = topic.events.send(e.clone());
+        if let Some(tx) = &topic.events {
+            for e in events {
+                // No receiver means every watcher is gone; nothing to do.
+                let _ = tx.send(e.clone());
+            }
         }
         if let Some(job) = job {
             topic.snapshot.send_if_modified(|cur| {
@@ -100,7 +117,7 @@ impl Hub {
     }
 }
 
-impl Drop for Subscription {
+impl Drop for SubscriptionGuard {
     fn drop(&mut self) {
         let mut topics = self.hub.topics.lock().expect("hub lock");
         if let Some(t) = topics.get_mut(&self.id) {

@@ -16,7 +16,7 @@ mod timers;
 #[cfg(test)]
 mod proptests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -472,6 +472,18 @@ impl Engine {
         job
     }
 
+    /// [`Engine::explain`] for many jobs, under one lock.
+    pub fn explain_all(&self, mut jobs: Vec<Job>) -> Vec<Job> {
+        if jobs.iter().any(|j| j.state == JobState::Queued) {
+            let core = self.lock();
+            let now = Timestamp::now();
+            for job in jobs.iter_mut().filter(|j| j.state == JobState::Queued) {
+                job.waiting_for = core.explain(job, now);
+            }
+        }
+        jobs
+    }
+
     /// A job's committed state.
     pub async fn get(&self, namespace: &Name, id: JobId) -> Result<Job, EngineError> {
         match self.store.get_job(id).await? {
@@ -483,7 +495,7 @@ impl Engine {
     /// Lists jobs.
     pub async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>, EngineError> {
         let jobs = self.store.list_jobs(filter).await?;
-        Ok(jobs.into_iter().map(|j| self.explain(j)).collect())
+        Ok(self.explain_all(jobs))
     }
 
     /// Waits until the jobs reach one of `targets` (any terminal state if empty), per `mode`,
@@ -496,6 +508,7 @@ impl Engine {
         mode: WaitMode,
         deadline: Instant,
     ) -> Result<(Vec<(Job, bool)>, bool), EngineError> {
+        use futures::StreamExt;
         let reached = |j: &Job| -> bool {
             if targets.is_empty() {
                 j.state.is_terminal()
@@ -503,54 +516,62 @@ impl Engine {
                 targets.contains(&j.state)
             }
         };
-        let mut subs = Vec::with_capacity(ids.len());
-        for &id in ids {
-            subs.push(self.hub.subscribe(id));
+        // A terminal job that is not a target never becomes one.
+        let dead = |j: &Job| j.state.is_terminal() && !reached(j);
+        // Subscribe first, then read: nothing committed in between is missed. Each change wakes
+        // only its own stream (SelectAll), so a wait on many jobs costs O(1) per change.
+        let mut guards = Vec::with_capacity(ids.len());
+        let mut changes = futures::stream::SelectAll::new();
+        for (i, &id) in ids.iter().enumerate() {
+            let sub = self.hub.subscribe(id, false);
+            guards.push(sub.guard);
+            changes.push(
+                tokio_stream::wrappers::WatchStream::from_changes(sub.snapshot)
+                    .map(move |s| (i, s)),
+            );
         }
-        let mut current: Vec<Arc<Job>> = Vec::with_capacity(ids.len());
-        for &id in ids {
-            match self.store.get_job(id).await? {
-                Some(job) if &job.namespace == namespace => current.push(Arc::new(job)),
+        let found: HashMap<JobId, Arc<Job>> = self
+            .store
+            .get_jobs(ids)
+            .await?
+            .into_iter()
+            .map(|j| (j.id, Arc::new(j)))
+            .collect();
+        let mut current = Vec::with_capacity(ids.len());
+        for id in ids {
+            match found.get(id) {
+                Some(job) if &job.namespace == namespace => current.push(job.clone()),
                 _ => return Err(EngineError::job_not_found(id)),
             }
         }
+        let mut hits = current.iter().filter(|j| reached(j)).count();
+        let mut deads = current.iter().filter(|j| dead(j)).count();
         loop {
-            for (cur, sub) in current.iter_mut().zip(subs.iter_mut()) {
-                if let Some(newer) = sub.snapshot.borrow_and_update().as_ref() {
-                    if newer.version > cur.version {
-                        *cur = newer.clone();
-                    }
-                }
-            }
-            let hits = current.iter().filter(|j| reached(j)).count();
             let done = match mode {
                 WaitMode::All => hits == current.len(),
-                WaitMode::Any => hits > 0 || current.is_empty(),
+                WaitMode::Any => hits > 0,
             };
-            // A terminal job that is not a target will never become one.
-            let hopeless = current.iter().any(|j| j.state.is_terminal() && !reached(j))
-                && mode == WaitMode::All
-                || (mode == WaitMode::Any
-                    && current.iter().all(|j| j.state.is_terminal() && !reached(j))
-                    && !current.is_empty());
+            let hopeless = match mode {
+                WaitMode::All => deads > 0,
+                WaitMode::Any => deads == current.len(),
+            };
             if done || hopeless || Instant::now() >= deadline {
-                let jobs = current
-                    .iter()
-                    .map(|j| {
-                        let r = reached(j);
-                        (self.explain((**j).clone()), r)
-                    })
-                    .collect();
-                return Ok((jobs, done));
+                let reached_each: Vec<bool> = current.iter().map(|j| reached(j)).collect();
+                let jobs = self.explain_all(current.iter().map(|j| (**j).clone()).collect());
+                return Ok((jobs.into_iter().zip(reached_each).collect(), done));
             }
-            let changed = futures::future::select_all(
-                subs.iter_mut()
-                    .zip(current.iter())
-                    .filter(|(_, j)| !j.state.is_terminal())
-                    .map(|(s, _)| Box::pin(s.snapshot.changed())),
-            );
             tokio::select! {
-                _ = changed => {}
+                Some((i, snap)) = changes.next() => {
+                    if let Some(newer) = snap {
+                        if newer.version > current[i].version {
+                            hits -= reached(&current[i]) as usize;
+                            deads -= dead(&current[i]) as usize;
+                            current[i] = newer;
+                            hits += reached(&current[i]) as usize;
+                            deads += dead(&current[i]) as usize;
+                        }
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline) => {}
                 _ = self.shutdown.cancelled() => {
                     return Err(EngineError::Unavailable("the service is shutting down".into()));
@@ -596,7 +617,10 @@ impl Engine {
         from_seq: u64,
     ) -> Result<impl Stream<Item = Result<Arc<Event>, EngineError>> + Send + 'static, EngineError>
     {
-        let mut sub = self.hub.subscribe(id);
+        let sub = self.hub.subscribe(id, true);
+        let _guard = sub.guard;
+        let mut snapshot = sub.snapshot;
+        let mut events = sub.events.expect("asked for events");
         let job = match self.store.get_job(id).await? {
             Some(job) if &job.namespace == namespace => job,
             _ => return Err(EngineError::job_not_found(id)),
@@ -622,7 +646,7 @@ impl Engine {
                         break;
                     }
                 }
-                if let Some(newer) = sub.snapshot.borrow_and_update().as_ref() {
+                if let Some(newer) = snapshot.borrow_and_update().as_ref() {
                     if newer.version > known.version {
                         known = newer.clone();
                     }
@@ -633,7 +657,7 @@ impl Engine {
                 // Live, until a gap or lag sends us back to the database.
                 loop {
                     let received = tokio::select! {
-                        r = sub.events.recv() => Some(r),
+                        r = events.recv() => Some(r),
                         _ = engine.shutdown.cancelled() => None,
                     };
                     match received {

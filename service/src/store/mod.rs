@@ -99,6 +99,9 @@ pub trait Store: Send + Sync + 'static {
     /// A job's committed state.
     async fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError>;
 
+    /// The committed state of each of these jobs that exists (in no particular order).
+    async fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError>;
+
     /// Jobs matching the filter, newest first.
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError>;
 

@@ -371,6 +371,23 @@ impl Store for SqliteStore {
         row.as_ref().map(job_from_row).transpose()
     }
 
+    async fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(ROWS_PER_INSERT) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id IN ("));
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(id.0.to_string());
+            }
+            qb.push(")");
+            for row in qb.build().fetch_all(&self.readers).await? {
+                out.push(job_from_row(&row)?);
+            }
+        }
+        Ok(out)
+    }
+
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
         let mut qb: QueryBuilder<Sqlite> =
             QueryBuilder::new(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1"));

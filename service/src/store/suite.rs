@@ -82,6 +82,8 @@ pub async fn round_trip(store: Arc<dyn Store>) {
     let got = store.get_job(j.id).await.unwrap().unwrap();
     assert_eq!(got, j);
     assert!(store.get_job(JobId::new()).await.unwrap().is_none());
+    let many = store.get_jobs(&[JobId::new(), j.id]).await.unwrap();
+    assert_eq!(many, vec![j]);
 }
 
 pub async fn guarded_update(store: Arc<dyn Store>) {
