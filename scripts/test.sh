@@ -26,6 +26,9 @@ cargo fmt --all -- --check
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo build (the jobplane binary the end-to-end tests run)"
+cargo build --workspace --bins --locked
+
 step "cargo nextest (unit, property, store, end-to-end)"
 cargo nextest run --workspace --locked --no-fail-fast
 
