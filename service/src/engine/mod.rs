@@ -769,6 +769,14 @@ impl Engine {
         self.lock().close_all_workers();
         let _ = self.flush().await;
         self.committer_stop.cancel();
+        let commits = self.stats.commits.load(std::sync::atomic::Ordering::Relaxed);
+        let writes = self.stats.writes.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            commits,
+            writes,
+            writes_per_commit = writes as f64 / commits.max(1) as f64,
+            "engine closed"
+        );
     }
 
     /// The store.

@@ -27,8 +27,23 @@ use crate::engine::model::{
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/sqlite");
 
-/// Rows per multi-row statement (SQLite allows 32,766 bound parameters).
-const ROWS_PER_INSERT: usize = 500;
+/// Rows per multi-row statement, largest first (SQLite allows 32,766 bound parameters). A batch
+/// is cut into pieces of these fixed sizes so that the statement texts repeat and their prepared
+/// statements come from the connection's cache instead of being parsed again.
+const CHUNK_SIZES: [usize; 5] = [256, 64, 16, 4, 1];
+
+/// Cuts `items` into pieces of the sizes in [`CHUNK_SIZES`].
+fn fixed_chunks<T>(mut items: &[T]) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    for size in CHUNK_SIZES {
+        while items.len() >= size {
+            let (head, tail) = items.split_at(size);
+            out.push(head);
+            items = tail;
+        }
+    }
+    out
+}
 
 const JOB_COLUMNS: &str = "id, namespace, queue, payload, labels, priority, idempotency_key, \
     state, attempt, retries_used, retry_policy, run_timeout_us, max_wait_us, result, \
@@ -170,7 +185,7 @@ impl Store for SqliteStore {
             .filter(|jw| jw.insert)
             .map(|jw| &*jw.latest)
             .collect();
-        for chunk in inserts.chunks(ROWS_PER_INSERT) {
+        for chunk in fixed_chunks(&inserts) {
             let mut qb: QueryBuilder<Sqlite> =
                 QueryBuilder::new(format!("INSERT INTO jobs ({JOB_COLUMNS}) "));
             qb.push_values(chunk, |mut b, job| {
@@ -210,7 +225,7 @@ impl Store for SqliteStore {
             .filter_map(|id| jobs.get(id))
             .filter(|jw| !jw.insert)
             .collect();
-        for chunk in updates.chunks(ROWS_PER_INSERT) {
+        for chunk in fixed_chunks(&updates) {
             // One statement per chunk: a VALUES table of new rows joined on id and expected
             // version. Every row must match, or the batch is a conflict and rolls back.
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
@@ -262,7 +277,7 @@ impl Store for SqliteStore {
                 });
             }
         }
-        for chunk in events.chunks(ROWS_PER_INSERT) {
+        for chunk in fixed_chunks(&events) {
             let mut qb: QueryBuilder<Sqlite> =
                 QueryBuilder::new("INSERT INTO job_events (job_id, seq, time, detail, data) ");
             qb.push_values(chunk, |mut b, e| {
@@ -373,7 +388,7 @@ impl Store for SqliteStore {
 
     async fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError> {
         let mut out = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(ROWS_PER_INSERT) {
+        for chunk in fixed_chunks(ids) {
             let mut qb: QueryBuilder<Sqlite> =
                 QueryBuilder::new(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id IN ("));
             let mut sep = qb.separated(", ");
@@ -499,6 +514,21 @@ fn split_synchronous(url: &str) -> Result<(String, SqliteSynchronous), StoreErro
         format!("{base}?{}", rest.join("&"))
     };
     Ok((url, sync))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixed_chunks;
+
+    #[test]
+    fn fixed_chunks_cover_everything_in_known_sizes() {
+        for n in [0usize, 1, 3, 4, 5, 63, 64, 65, 300, 1000] {
+            let v: Vec<usize> = (0..n).collect();
+            let parts = fixed_chunks(&v);
+            assert_eq!(parts.concat(), v);
+            assert!(parts.iter().all(|p| super::CHUNK_SIZES.contains(&p.len())));
+        }
+    }
 }
 
 fn name(s: String) -> Result<Name, StoreError> {
