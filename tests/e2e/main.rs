@@ -5,6 +5,7 @@
 mod cancel;
 mod cli;
 mod faults;
+mod grpc_tooling;
 mod idempotency;
 mod lifecycle;
 mod retries;
