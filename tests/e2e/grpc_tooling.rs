@@ -21,9 +21,16 @@ async fn channel(addr: &str) -> tonic::transport::Channel {
 async fn health_reports_serving() {
     let server = TestServer::start().await;
     let mut health = HealthClient::new(channel(&server.addr).await);
-    for service in ["", "jobplane.v1.JobService", "jobplane.v1.WorkerService", "jobplane.v1.AdminService"] {
+    for service in [
+        "",
+        "jobplane.v1.JobService",
+        "jobplane.v1.WorkerService",
+        "jobplane.v1.AdminService",
+    ] {
         let r = health
-            .check(HealthCheckRequest { service: service.into() })
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -34,20 +41,29 @@ async fn health_reports_serving() {
 #[tokio::test]
 async fn reflection_v1_lists_and_describes_the_services() {
     let server = TestServer::start().await;
-    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel(&server.addr).await);
+    let mut client =
+        v1::server_reflection_client::ServerReflectionClient::new(channel(&server.addr).await);
     let requests = tokio_stream::iter(vec![
         v1::ServerReflectionRequest {
             host: String::new(),
-            message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+            message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
         },
         v1::ServerReflectionRequest {
             host: String::new(),
-            message_request: Some(v1::server_reflection_request::MessageRequest::FileContainingSymbol(
-                "jobplane.v1.JobService".into(),
-            )),
+            message_request: Some(
+                v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+                    "jobplane.v1.JobService".into(),
+                ),
+            ),
         },
     ]);
-    let mut responses = client.server_reflection_info(requests).await.unwrap().into_inner();
+    let mut responses = client
+        .server_reflection_info(requests)
+        .await
+        .unwrap()
+        .into_inner();
     let first = responses.next().await.unwrap().unwrap();
     let services: Vec<String> = match first.message_response.unwrap() {
         v1::server_reflection_response::MessageResponse::ListServicesResponse(l) => {
@@ -55,8 +71,16 @@ async fn reflection_v1_lists_and_describes_the_services() {
         }
         other => panic!("unexpected {other:?}"),
     };
-    for s in ["jobplane.v1.JobService", "jobplane.v1.WorkerService", "jobplane.v1.AdminService", "grpc.health.v1.Health"] {
-        assert!(services.iter().any(|x| x == s), "{s} missing from {services:?}");
+    for s in [
+        "jobplane.v1.JobService",
+        "jobplane.v1.WorkerService",
+        "jobplane.v1.AdminService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            services.iter().any(|x| x == s),
+            "{s} missing from {services:?}"
+        );
     }
     let second = responses.next().await.unwrap().unwrap();
     match second.message_response.unwrap() {
@@ -74,9 +98,15 @@ async fn reflection_v1alpha_lists_the_services() {
         v1alpha::server_reflection_client::ServerReflectionClient::new(channel(&server.addr).await);
     let requests = tokio_stream::iter(vec![v1alpha::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
     }]);
-    let mut responses = client.server_reflection_info(requests).await.unwrap().into_inner();
+    let mut responses = client
+        .server_reflection_info(requests)
+        .await
+        .unwrap()
+        .into_inner();
     let first = responses.next().await.unwrap().unwrap();
     match first.message_response.unwrap() {
         v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l) => {
@@ -84,4 +114,78 @@ async fn reflection_v1alpha_lists_the_services() {
         }
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// `buf curl` (a third-party client) lists the methods through reflection and calls GetJob.
+/// buf comes from the test script's virtualenv; without it the test says so and skips, except
+/// under CI, where it must run.
+#[tokio::test]
+async fn buf_curl_lists_methods_and_gets_a_job() {
+    let buf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/buf");
+    if !buf.exists() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "{} is missing under CI: scripts/test.sh installs it",
+            buf.display()
+        );
+        eprintln!(
+            "skipping: {} not installed (run scripts/test.sh)",
+            buf.display()
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = jobplane_tests::ServerProcess::start(dir.path()).await;
+    let client = jobplane::Client::connect(server.addr.clone())
+        .await
+        .unwrap();
+    let job = client
+        .submit(jobplane::JobSpec::new("curl"))
+        .await
+        .unwrap()
+        .job;
+    let list = tokio::process::Command::new(&buf)
+        .args([
+            "curl",
+            "--http2-prior-knowledge",
+            "--protocol",
+            "grpc",
+            "--list-methods",
+            &server.addr,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let methods = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        methods.contains("jobplane.v1.JobService/SubmitJob"),
+        "{methods}"
+    );
+    let get = tokio::process::Command::new(&buf)
+        .args([
+            "curl",
+            "--http2-prior-knowledge",
+            "--protocol",
+            "grpc",
+            "-d",
+            &format!("{{\"id\":\"{}\"}}", job.id),
+            &format!("{}/jobplane.v1.JobService/GetJob", server.addr),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        get.status.success(),
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+    assert_eq!(body["job"]["id"], job.id);
+    assert_eq!(body["job"]["state"], "JOB_STATE_QUEUED");
+    server.kill9().await;
 }

@@ -769,7 +769,10 @@ impl Engine {
         self.lock().close_all_workers();
         let _ = self.flush().await;
         self.committer_stop.cancel();
-        let commits = self.stats.commits.load(std::sync::atomic::Ordering::Relaxed);
+        let commits = self
+            .stats
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed);
         let writes = self.stats.writes.load(std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
             commits,
