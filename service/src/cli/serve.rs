@@ -18,6 +18,9 @@ pub struct ServeArgs {
     /// Listen on a non-loopback address although authentication is off.
     #[arg(long)]
     pub allow_insecure_non_loopback: bool,
+    /// How long terminal jobs and their events are kept (e.g. `7d`, `12h`).
+    #[arg(long, env = "JOBPLANE_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub retention: std::time::Duration,
 }
 
 /// Serves until SIGTERM or SIGINT.
@@ -26,7 +29,10 @@ pub async fn run(args: ServeArgs) -> Result<Outcome, CliError> {
         listen: args.listen,
         db_url: args.db,
         allow_non_loopback: args.allow_insecure_non_loopback,
-        ..Default::default()
+        engine: jobplane_server::EngineConfig {
+            retention: args.retention,
+            ..Default::default()
+        },
     };
     jobplane_server::serve(config, shutdown_signal()).await?;
     Ok(Outcome::Success)

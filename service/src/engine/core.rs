@@ -742,7 +742,13 @@ impl Core {
         job
     }
 
-    /// Whether an idempotency key must be forgotten now.
+    /// Arms the next maintenance timer.
+    pub fn schedule_maintenance(&mut self) {
+        let at = Instant::now() + self.config.maintenance_interval;
+        self.timer(at, Timer::Maintenance);
+    }
+
+    /// Forgets idempotency keys that expired.
     pub fn prune_idempotency(&mut self, now: Timestamp, out: &mut Outbox) {
         let expired: Vec<(Name, String)> = self
             .idempotency
@@ -1376,6 +1382,10 @@ impl Core {
                         }
                     });
                 }
+            }
+            Timer::Maintenance => {
+                self.prune_idempotency(now, out);
+                self.schedule_maintenance();
             }
             Timer::WorkerLease(wid) => {
                 let Some(w) = self.workers.get(&wid) else {

@@ -51,6 +51,11 @@ pub struct EngineConfig {
     pub max_output_bytes: u64,
     /// Most writes in one transaction.
     pub max_batch_writes: usize,
+    /// How long terminal jobs and their events are kept; never less than the idempotency
+    /// retention, so a remembered key always finds its job.
+    pub retention: Duration,
+    /// How often expired idempotency keys and jobs past their retention are pruned.
+    pub maintenance_interval: Duration,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +68,8 @@ impl Default for EngineConfig {
             idempotency_retention: Duration::from_secs(24 * 3600),
             max_output_bytes: 16 << 20,
             max_batch_writes: 8192,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            maintenance_interval: Duration::from_secs(60),
         }
     }
 }
@@ -782,6 +789,35 @@ impl Engine {
         );
     }
 
+    /// Deletes terminal jobs (and their events) finished longer than the retention ago, in
+    /// rounds of bounded size.
+    async fn prune(&self) {
+        const ROUND: u32 = 1000;
+        let keep = self.config.retention.max(self.config.idempotency_retention);
+        let before = Timestamp(Timestamp::now().0 - keep.as_micros().min(i64::MAX as u128) as i64);
+        let mut total = 0;
+        loop {
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            match self.store.prune_finished(before, ROUND).await {
+                Ok(n) => {
+                    total += n;
+                    if n < ROUND as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning failed; will retry at the next maintenance");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(jobs = total, "pruned jobs past their retention");
+        }
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
@@ -794,33 +830,43 @@ impl Engine {
 }
 
 /// Fires timers at their deadlines; sleeps until the earliest one or until woken by a new,
-/// earlier one.
+/// earlier one. Maintenance (pruning) is one of the timers, so an idle service only wakes for it.
 async fn timer_loop(engine: Arc<Engine>) {
-    let mut last_prune = Instant::now();
+    engine.lock().schedule_maintenance();
+    let pruning = Arc::new(tokio::sync::Mutex::new(()));
     loop {
-        let next = {
+        let (next, maintenance) = {
             let mut core = engine.lock();
             let mut out = Outbox::default();
             let now_i = Instant::now();
             let now = Timestamp::now();
+            let mut maintenance = false;
             while let Some(t) = core.timers.pop_due(now_i) {
+                maintenance |= t == timers::Timer::Maintenance;
                 core.fire(t, now, &mut out);
-            }
-            if now_i.duration_since(last_prune) >= Duration::from_secs(60) {
-                last_prune = now_i;
-                core.prune_idempotency(now, &mut out);
             }
             core.timer_rearm = false;
             engine.committer.enqueue_detached(out);
-            core.timers.next_deadline()
+            (core.timers.next_deadline(), maintenance)
         };
-        // Idempotency keys are pruned at most once a minute, piggy-backing on this loop; cap the
-        // sleep so that happens even when no other timer is due.
-        let cap = Instant::now() + Duration::from_secs(60);
-        let until = next.map_or(cap, |n| n.min(cap));
+        if maintenance {
+            // Pruning runs beside the timers, one round at a time.
+            if let Ok(guard) = pruning.clone().try_lock_owned() {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    engine.prune().await;
+                    drop(guard);
+                });
+            }
+        }
         tokio::select! {
             _ = engine.timer_wake.notified() => {}
-            _ = tokio::time::sleep_until(until) => {}
+            _ = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
             _ = engine.shutdown.cancelled() => return,
         }
     }

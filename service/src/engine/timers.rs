@@ -23,6 +23,8 @@ pub(crate) enum Timer {
     CancelGrace(JobId, u32),
     /// A worker's lease may have run out.
     WorkerLease(WorkerId),
+    /// Prune expired idempotency keys and jobs past their retention; re-arms itself.
+    Maintenance,
 }
 
 /// Key of a scheduled timer, to cancel it.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::engine::model::{
-    Event, IdempotencyRecord, Job, JobFilter, JobId, Name, QueueConfig, QueueKey,
+    Event, IdempotencyRecord, Job, JobFilter, JobId, Name, QueueConfig, QueueKey, Timestamp,
 };
 
 pub mod sqlite;
@@ -108,6 +108,11 @@ pub trait Store: Send + Sync + 'static {
     /// A job's events with `seq > after_seq`, in order, at most `limit`.
     async fn events(&self, id: JobId, after_seq: u64, limit: u32)
         -> Result<Vec<Event>, StoreError>;
+
+    /// Deletes up to `limit` terminal jobs that finished before `before`, with their events;
+    /// returns how many it deleted. Only jobs created before `before` are considered, so the
+    /// search stays within the oldest rows.
+    async fn prune_finished(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError>;
 
     /// Checks that the database answers (for health checks).
     async fn ping(&self) -> Result<(), StoreError>;

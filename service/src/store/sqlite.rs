@@ -474,6 +474,38 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn prune_finished(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
+        // Ids are UUIDv7: the smallest id of the cut-off's millisecond bounds the key range.
+        let ms = (before.0.max(0) / 1000) as u64;
+        let mut bytes = [0u8; 16];
+        bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        bytes[6] = 0x70;
+        let cut = Uuid::from_bytes(bytes).to_string();
+        let mut tx = self.writer.begin().await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE id < ? AND finished_at < ? ORDER BY id LIMIT ?",
+        )
+        .bind(&cut)
+        .bind(before.0)
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        for chunk in fixed_chunks(&ids) {
+            for table in ["job_events WHERE job_id", "jobs WHERE id"] {
+                let mut qb: QueryBuilder<Sqlite> =
+                    QueryBuilder::new(format!("DELETE FROM {table} IN ("));
+                let mut sep = qb.separated(", ");
+                for id in chunk {
+                    sep.push_bind(id.as_str());
+                }
+                qb.push(")");
+                qb.build().execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(ids.len() as u64)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.readers).await?;
         Ok(())
@@ -514,21 +546,6 @@ fn split_synchronous(url: &str) -> Result<(String, SqliteSynchronous), StoreErro
         format!("{base}?{}", rest.join("&"))
     };
     Ok((url, sync))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::fixed_chunks;
-
-    #[test]
-    fn fixed_chunks_cover_everything_in_known_sizes() {
-        for n in [0usize, 1, 3, 4, 5, 63, 64, 65, 300, 1000] {
-            let v: Vec<usize> = (0..n).collect();
-            let parts = fixed_chunks(&v);
-            assert_eq!(parts.concat(), v);
-            assert!(parts.iter().all(|p| super::CHUNK_SIZES.contains(&p.len())));
-        }
-    }
 }
 
 fn name(s: String) -> Result<Name, StoreError> {
@@ -586,4 +603,19 @@ fn job_from_row(r: &SqliteRow) -> Result<Job, StoreError> {
         version: r.try_get::<i64, _>("version")? as u64,
         output_bytes: r.try_get::<i64, _>("output_bytes")? as u64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixed_chunks;
+
+    #[test]
+    fn fixed_chunks_cover_everything_in_known_sizes() {
+        for n in [0usize, 1, 3, 4, 5, 63, 64, 65, 300, 1000] {
+            let v: Vec<usize> = (0..n).collect();
+            let parts = fixed_chunks(&v);
+            assert_eq!(parts.concat(), v);
+            assert!(parts.iter().all(|p| super::CHUNK_SIZES.contains(&p.len())));
+        }
+    }
 }

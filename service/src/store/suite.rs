@@ -338,6 +338,45 @@ pub async fn recover_active_state(store: Arc<dyn Store>) {
     assert!(store.recover().await.unwrap().idempotency.is_empty());
 }
 
+pub async fn prune_finished_jobs(store: Arc<dyn Store>) {
+    let old_done = {
+        let mut j = job("q", &[]);
+        j.state = JobState::Succeeded;
+        j.finished_at = Some(Timestamp::now());
+        j
+    };
+    let old_active = job("q", &[]);
+    store
+        .apply(&[
+            Write::InsertJob(Arc::new(old_done.clone())),
+            Write::Event(state_event(&old_done, 1, JobState::Queued)),
+            Write::Event(state_event(&old_done, 2, JobState::Succeeded)),
+            Write::InsertJob(Arc::new(old_active.clone())),
+        ])
+        .await
+        .unwrap();
+    // Created after the cut-off (a UUIDv7 a minute ahead): kept although finished.
+    let cutoff = Timestamp::now().plus(Duration::from_millis(5));
+    let mut young_done = job("q", &[]);
+    let ahead_ms = (cutoff.0 / 1000 + 60_000) as u64;
+    let mut bytes = *uuid::Uuid::now_v7().as_bytes();
+    bytes[..6].copy_from_slice(&ahead_ms.to_be_bytes()[2..]);
+    young_done.id = JobId(uuid::Uuid::from_bytes(bytes));
+    young_done.state = JobState::Failed;
+    young_done.finished_at = Some(Timestamp::now());
+    store
+        .apply(&[Write::InsertJob(Arc::new(young_done.clone()))])
+        .await
+        .unwrap();
+
+    assert_eq!(store.prune_finished(cutoff, 100).await.unwrap(), 1);
+    assert!(store.get_job(old_done.id).await.unwrap().is_none());
+    assert!(store.events(old_done.id, 0, 10).await.unwrap().is_empty());
+    assert!(store.get_job(old_active.id).await.unwrap().is_some());
+    assert!(store.get_job(young_done.id).await.unwrap().is_some());
+    assert_eq!(store.prune_finished(cutoff, 100).await.unwrap(), 0);
+}
+
 mod sqlite {
     use super::*;
 
@@ -366,6 +405,7 @@ mod sqlite {
         events_page_in_order,
         list_filters_and_pages,
         recover_active_state,
+        prune_finished_jobs,
     );
 
     #[tokio::test]
