@@ -281,3 +281,107 @@ async fn drain_stops_new_assignments_and_lets_work_finish() {
     assert_eq!(done.job.state, JobState::Succeeded);
     guard("drained worker exits", worker.join()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_cancel_survives_an_ack_timeout() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let mut raw = RawWorker::connect(&server.addr, "slow-acker", &["ackless"], 1).await;
+    let job = client.submit(JobSpec::new("ackless")).await.unwrap().job;
+    raw.assignments().await;
+    // Leased, never acknowledged; the cancel's grace outlasts the ack timeout.
+    let c = client
+        .cancel(&job.id, Some(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(c.outcome, jobplane::CancelOutcome::Requested);
+    let w = guard("cancelled", client.wait(&job.id, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(
+        w.job.state,
+        JobState::Cancelled,
+        "the ack timeout must not requeue a cancelled job"
+    );
+}
+
+#[tokio::test]
+async fn a_restart_rearms_the_run_timeout_of_a_kept_attempt() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let mut raw = RawWorker::connect(&server.addr, "keeper", &["rearm"], 1).await;
+    let job = client
+        .submit(
+            JobSpec::new("rearm")
+                .run_timeout(Duration::from_millis(300))
+                .retries(0),
+        )
+        .await
+        .unwrap()
+        .job;
+    let a = raw.assignments().await;
+    raw.ack(&job.id, a[0].attempt);
+    guard(
+        "running",
+        client.wait(
+            &job.id,
+            jobplane::WaitOptions::new()
+                .until([JobState::Running])
+                .timeout(Duration::from_secs(20)),
+        ),
+    )
+    .await
+    .unwrap();
+    drop(raw);
+    let server = server.restart().await;
+    let client = server.client().await;
+    let raw = RawWorker::connect_with(
+        &server.addr,
+        "keeper",
+        &["rearm"],
+        1,
+        vec![pb::AttemptRef {
+            job_id: job.id.clone(),
+            attempt: a[0].attempt,
+        }],
+    )
+    .await;
+    assert_eq!(raw.welcome.kept.len(), 1);
+    // The worker keeps it but never finishes: the run timeout, re-armed at start, ends it.
+    let w = guard("timed out", client.wait(&job.id, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(w.job.state, JobState::TimedOut);
+    drop(raw);
+}
+
+#[tokio::test]
+async fn a_lost_unacknowledged_attempt_uses_no_retry() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let mut raw = RawWorker::connect(&server.addr, "vanishing", &["unacked"], 1).await;
+    let job = client
+        .submit(JobSpec::new("unacked").retries(0))
+        .await
+        .unwrap()
+        .job;
+    raw.assignments().await;
+    // The worker reconnects at once without claiming the attempt it never acknowledged.
+    drop(raw);
+    let raw = RawWorker::connect(&server.addr, "vanishing", &["other"], 1).await;
+    let w = guard(
+        "requeued",
+        client.wait(
+            &job.id,
+            jobplane::WaitOptions::new()
+                .until([JobState::Queued])
+                .timeout(Duration::from_secs(20)),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(w.reached);
+    assert_eq!(w.job.retries_used, 0);
+    assert_eq!(w.job.error.unwrap().reason, "WORKER_LOST");
+    drop(raw);
+}

@@ -35,6 +35,13 @@ async fn bad_specs_name_the_field_and_change_nothing() {
         .unwrap_err();
     assert_eq!(field(&e), Some("spec.idempotency_key"));
 
+    let far = std::time::SystemTime::now() + std::time::Duration::from_secs(400 * 24 * 3600);
+    let e = client
+        .submit(JobSpec::new("q").scheduled_at(far))
+        .await
+        .unwrap_err();
+    assert_eq!(field(&e), Some("spec.scheduled_at"));
+
     // One bad spec in a batch: nothing of the batch is created.
     let batch = vec![
         JobSpec::new("q"),

@@ -158,3 +158,48 @@ async fn output_past_the_bound_is_truncated_with_a_marker() {
     ));
     worker.stop().await.unwrap();
 }
+
+/// A raw gRPC watcher (no SDK resume logic) stays live after catching up: the next event it gets
+/// is the next change, not an error.
+#[tokio::test]
+async fn a_raw_watch_stays_live_after_catching_up() {
+    use jobplane_proto::pb;
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let job = client.submit(JobSpec::new("idle")).await.unwrap().job;
+    let channel = tonic::transport::Endpoint::from_shared(server.addr.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = pb::job_service_client::JobServiceClient::new(channel);
+    let mut stream = raw
+        .watch_job(pb::WatchJobRequest {
+            namespace: String::new(),
+            id: job.id.clone(),
+            from_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = guard("first event", stream.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.event.unwrap().seq, 1);
+    client.cancel(&job.id, None).await.unwrap();
+    let next = guard("the cancel event", stream.message())
+        .await
+        .expect("no error after catching up")
+        .expect("the stream is still open");
+    let e = next.event.unwrap();
+    assert_eq!(e.seq, 2);
+    match e.kind.unwrap() {
+        pb::job_event::Kind::State(s) => assert_eq!(s.to, pb::JobState::Cancelled as i32),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(
+        guard("end", stream.message()).await.unwrap().is_none(),
+        "ends after the terminal event"
+    );
+}

@@ -24,6 +24,8 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 pub const MAX_OUTPUT_CHUNK: usize = 64 << 10;
 /// Most jobs per batch submit or multi-wait.
 pub const MAX_BATCH: usize = 10_000;
+/// Longest wait a rate-limit report can impose.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// Longest accepted duration (run timeout, max wait, back-off).
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
@@ -239,7 +241,15 @@ pub fn spec(s: Option<pb::JobSpec>, f: &str) -> R<JobSpec> {
         run_timeout,
         max_wait: duration(s.max_wait.as_ref(), &format!("{f}.max_wait"))?,
         retry_policy: retry_policy(s.retry_policy, &format!("{f}.retry_policy"))?,
-        scheduled_at: timestamp(s.scheduled_at.as_ref(), &format!("{f}.scheduled_at"))?,
+        scheduled_at: match timestamp(s.scheduled_at.as_ref(), &format!("{f}.scheduled_at"))? {
+            Some(t) if t > Timestamp::now().plus(MAX_DURATION) => {
+                return Err(inv(
+                    &format!("{f}.scheduled_at"),
+                    "must be at most 366 days ahead",
+                ))
+            }
+            other => other,
+        },
     })
 }
 
@@ -500,12 +510,18 @@ pub fn report(r: pb::WorkerReport, i: usize) -> R<Report> {
                 None => return Err(inv(&format!("{f}.outcome.kind"), "is required")),
                 Some(pb::attempt_outcome::Kind::Success(s)) => {
                     if s.result.len() > MAX_PAYLOAD {
-                        return Err(inv(
-                            &format!("{f}.outcome.success.result"),
-                            format!("must be at most {MAX_PAYLOAD} bytes"),
-                        ));
+                        // The attempt ended either way: record why its result was refused
+                        // rather than leaving the job running.
+                        Outcome::Failure {
+                            message: format!(
+                                "the result of {} bytes is over the limit of {MAX_PAYLOAD}",
+                                s.result.len()
+                            ),
+                            retryable: false,
+                        }
+                    } else {
+                        Outcome::Success(s.result)
                     }
-                    Outcome::Success(s.result)
                 }
                 Some(pb::attempt_outcome::Kind::Failure(e)) => Outcome::Failure {
                     message: e.message.chars().take(4096).collect(),
@@ -513,12 +529,13 @@ pub fn report(r: pb::WorkerReport, i: usize) -> R<Report> {
                 },
                 Some(pb::attempt_outcome::Kind::Cancelled(_)) => Outcome::Cancelled,
                 Some(pb::attempt_outcome::Kind::RateLimited(rl)) => Outcome::RateLimited {
-                    pool: (!rl.pool.is_empty()).then_some(rl.pool),
-                    retry_after: duration(
-                        rl.retry_after.as_ref(),
-                        &format!("{f}.outcome.rate_limited.retry_after"),
-                    )?
-                    .unwrap_or(Duration::from_secs(1)),
+                    pool: (!rl.pool.is_empty()).then_some(rl.pool.chars().take(128).collect()),
+                    // Whatever the upstream said, the job comes back within a day.
+                    retry_after: rl
+                        .retry_after
+                        .and_then(|d| Duration::try_from(d).ok())
+                        .unwrap_or(Duration::from_secs(1))
+                        .min(MAX_RETRY_AFTER),
                 },
             };
             ReportKind::Outcome(outcome)

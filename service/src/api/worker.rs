@@ -22,6 +22,9 @@ use crate::engine::{CommitTicket, Engine, ToWorker};
 /// Messages of one stream whose reports may wait for their commit at the same time.
 const MAX_PENDING_COMMITS: usize = 64;
 
+/// How long a new stream may take to say hello.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Most assignments coalesced into one message.
 const MAX_ASSIGNMENTS_PER_MESSAGE: usize = 512;
 
@@ -120,10 +123,16 @@ impl pb::worker_service_server::WorkerService for Workers {
         req: Request<Streaming<pb::ConnectRequest>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let mut inbound = req.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| invalid("msg", "the stream ended before hello"))?;
+        let stopping = self.engine.stopping();
+        let first = tokio::select! {
+            m = tokio::time::timeout(HELLO_TIMEOUT, inbound.message()) => match m {
+                Ok(m) => m?.ok_or_else(|| invalid("msg", "the stream ended before hello"))?,
+                Err(_) => return Err(invalid("msg", "no hello within 10s")),
+            },
+            _ = stopping.cancelled() => {
+                return Err(Status::unavailable("the service is shutting down"));
+            }
+        };
         let hello = match first.msg {
             Some(pb::connect_request::Msg::Hello(h)) => convert::hello(h).map_err(to_status)?,
             _ => return Err(invalid("msg", "the first message must be hello")),
@@ -134,10 +143,15 @@ impl pb::worker_service_server::WorkerService for Workers {
 
         let engine = self.engine.clone();
         let s = session.clone();
+        let stop_inbound = stopping.clone();
         tokio::spawn(async move {
             let mut pending: VecDeque<CommitTicket> = VecDeque::new();
             loop {
-                let msg = match inbound.message().await {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = stop_inbound.cancelled() => break,
+                };
+                let msg = match next {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
@@ -195,7 +209,6 @@ impl pb::worker_service_server::WorkerService for Workers {
             tracing::info!(worker = %s.worker_id, session = s.session, "worker stream ended");
         });
 
-        let stopping = self.engine.stopping();
         let outbound = async_stream::stream! {
             let mut held: Option<ToWorker> = None;
             loop {

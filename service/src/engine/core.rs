@@ -49,6 +49,9 @@ struct QueueState {
     queued: u64,
     /// Jobs LEASED or RUNNING.
     active: u32,
+    /// Attempts the service ended that a worker may still be running (see
+    /// `WorkerState::zombies`): they keep their slot until the worker is done with them.
+    zombies: u32,
     workers: Vec<WorkerId>,
     rr: usize,
 }
@@ -64,10 +67,12 @@ struct WorkerState {
     /// Attempts the service ended without the worker (run timeout, forced cancel) that the
     /// worker may still be running: they keep using a slot until the worker reports on them or
     /// reconnects without them, so the worker never runs more than its concurrency.
-    zombies: HashSet<(JobId, u32)>,
+    zombies: HashMap<(JobId, u32), QueueKey>,
     tx: Option<mpsc::UnboundedSender<ToWorker>>,
     session: u64,
     lease_expires: Instant,
+    /// The one lease timer of this worker.
+    lease_timer: Option<TimerKey>,
     draining: bool,
 }
 
@@ -106,8 +111,14 @@ fn log_invalid(e: &InvalidTransition, id: JobId) {
 }
 
 fn rfc3339(t: Timestamp) -> String {
+    use std::fmt::Write as _;
     let st = std::time::UNIX_EPOCH + Duration::from_micros(t.0.max(0) as u64);
-    humantime::format_rfc3339_millis(st).to_string()
+    let mut out = String::new();
+    // Input is bounded at the edge; still, formatting must never panic under the engine lock.
+    if write!(out, "{}", humantime::format_rfc3339_millis(st)).is_err() {
+        out = format!("{}us", t.0);
+    }
+    out
 }
 
 impl Core {
@@ -207,7 +218,8 @@ impl Core {
                             concurrency: 0,
                             labels: BTreeMap::new(),
                             inflight: HashSet::new(),
-                            zombies: HashSet::new(),
+                            zombies: HashMap::new(),
+                            lease_timer: None,
                             tx: None,
                             session: 0,
                             lease_expires: lease,
@@ -215,14 +227,43 @@ impl Core {
                         });
                     w.inflight.insert(id);
                     w.concurrency = w.inflight.len() as u32;
+                    self.rearm_recovered(id, now);
                 }
                 _ => {}
             }
         }
         let ids: Vec<WorkerId> = self.workers.keys().cloned().collect();
         for wid in ids {
-            self.timer(lease, Timer::WorkerLease(wid));
+            let k = self.timer(lease, Timer::WorkerLease(wid.clone()));
+            self.workers.get_mut(&wid).expect("worker").lease_timer = Some(k);
         }
+    }
+
+    /// Re-arms the timers of a leased or running job found at start: the acknowledgement, the
+    /// run timeout (counted from its start) and a pending cancel's grace.
+    fn rearm_recovered(&mut self, id: JobId, now: Timestamp) {
+        let job = self.jobs[&id].job.clone();
+        let state_timer = match job.state {
+            JobState::Leased => Some(self.timer(
+                Instant::now() + self.config.ack_timeout,
+                Timer::AckTimeout(id, job.attempt),
+            )),
+            JobState::Running => job.run_timeout.map(|t| {
+                let end = job.started_at.unwrap_or(now).plus(t);
+                let at = self.at(now, end);
+                self.timer(at, Timer::RunTimeout(id, job.attempt))
+            }),
+            _ => None,
+        };
+        let cancel_timer = job.cancel_requested.then(|| {
+            self.timer(
+                Instant::now() + self.config.default_cancel_grace,
+                Timer::CancelGrace(id, job.attempt),
+            )
+        });
+        let a = self.active_mut(id);
+        a.state_timer = state_timer;
+        a.cancel_timer = cancel_timer;
     }
 
     fn active_mut(&mut self, id: JobId) -> &mut Active {
@@ -447,7 +488,7 @@ impl Core {
             if q.config.paused {
                 return;
             }
-            if q.config.max_concurrency > 0 && q.active >= q.config.max_concurrency {
+            if q.config.max_concurrency > 0 && q.active + q.zombies >= q.config.max_concurrency {
                 return;
             }
             let Some(&head) = q.ready.first() else { return };
@@ -506,7 +547,7 @@ impl Core {
         if q.config.paused {
             return format!("queue_paused(queue={})", job.queue);
         }
-        if q.config.max_concurrency > 0 && q.active >= q.config.max_concurrency {
+        if q.config.max_concurrency > 0 && q.active + q.zombies >= q.config.max_concurrency {
             return format!(
                 "queue_slot(queue={}, limit={})",
                 job.queue, q.config.max_concurrency
@@ -818,8 +859,43 @@ impl Core {
     }
 
     fn add_zombie(&mut self, job: &Job) {
+        let qk = Self::queue_key(job);
         if let Some(w) = job.worker_id.as_ref().and_then(|w| self.workers.get_mut(w)) {
-            w.zombies.insert((job.id, job.attempt));
+            if w.zombies
+                .insert((job.id, job.attempt), qk.clone())
+                .is_none()
+            {
+                self.queues.entry(qk).or_default().zombies += 1;
+            }
+        }
+    }
+
+    /// The worker is done with an attempt the service had ended: its slots are free again.
+    fn clear_zombie(&mut self, wid: &WorkerId, key: (JobId, u32)) {
+        let Some(w) = self.workers.get_mut(wid) else {
+            return;
+        };
+        let Some(qk) = w.zombies.remove(&key) else {
+            return;
+        };
+        let queues = w.queues.clone();
+        if let Some(q) = self.queues.get_mut(&qk) {
+            q.zombies = q.zombies.saturating_sub(1);
+        }
+        self.mark_dirty(&qk);
+        for q in &queues {
+            self.mark_dirty(q);
+        }
+    }
+
+    fn clear_all_zombies(&mut self, wid: &WorkerId) {
+        let keys: Vec<(JobId, u32)> = self
+            .workers
+            .get(wid)
+            .map(|w| w.zombies.keys().copied().collect())
+            .unwrap_or_default();
+        for k in keys {
+            self.clear_zombie(wid, k);
         }
     }
 
@@ -852,6 +928,10 @@ impl Core {
         out: &mut Outbox,
     ) -> Option<Arc<Job>> {
         let job = self.active_job(id)?;
+        if job.cancel_requested {
+            // The client asked to cancel: a failure while stopping ends the job as cancelled.
+            return self.apply(id, Trigger::Cancel, now, out, |_| {}).ok();
+        }
         if retryable && job.retries_used < job.retry_policy.max_retries {
             let backoff = job
                 .retry_policy
@@ -910,7 +990,18 @@ impl Core {
         tx: mpsc::UnboundedSender<ToWorker>,
         now: Timestamp,
         out: &mut Outbox,
-    ) -> WorkerSession {
+    ) -> Result<WorkerSession, EngineError> {
+        if let Some(old) = self.workers.get(&hello.worker_id) {
+            if old.namespace != hello.namespace {
+                return Err(EngineError::FailedPrecondition {
+                    reason: "WORKER_ID_IN_USE",
+                    message: format!(
+                        "worker id {} is in use in another namespace",
+                        hello.worker_id
+                    ),
+                });
+            }
+        }
         self.session_seq += 1;
         let session = self.session_seq;
         let lease_expires = Instant::now() + self.config.worker_lease_ttl;
@@ -933,7 +1024,6 @@ impl Core {
                     _ => lost.push(*id),
                 }
             }
-            old.zombies.retain(|(id, a)| claimed.get(id) == Some(a));
             let old_queues = std::mem::take(&mut old.queues);
             for q in old_queues {
                 if let Some(qs) = self.queues.get_mut(&q) {
@@ -941,6 +1031,8 @@ impl Core {
                 }
             }
         }
+        // The worker stops whatever the welcome does not list as kept, and zombies never are.
+        self.clear_all_zombies(&hello.worker_id);
         let w = self
             .workers
             .entry(hello.worker_id.clone())
@@ -952,7 +1044,8 @@ impl Core {
                 concurrency: 0,
                 labels: BTreeMap::new(),
                 inflight: HashSet::new(),
-                zombies: HashSet::new(),
+                zombies: HashMap::new(),
+                lease_timer: None,
                 tx: None,
                 session: 0,
                 lease_expires,
@@ -965,7 +1058,8 @@ impl Core {
         w.labels = hello.labels.clone();
         w.session = session;
         w.lease_expires = lease_expires;
-        w.draining = false;
+        let draining = w.draining;
+        let old_lease_timer = w.lease_timer.take();
         // Welcome goes first on the new stream, ahead of any assignment.
         let _ = tx.send(ToWorker::Welcome {
             worker_id: hello.worker_id.clone(),
@@ -973,6 +1067,24 @@ impl Core {
             heartbeat_interval: self.config.heartbeat_interval,
             kept: kept.clone(),
         });
+        if draining {
+            // A drain asked for while it was away still holds.
+            let _ = tx.send(ToWorker::Drained);
+        }
+        // Cancels asked for while it was away are sent again for the attempts it keeps.
+        for (id, attempt) in &kept {
+            if let Some(j) = self.jobs.get(id).map(|a| a.job.clone()) {
+                if j.cancel_requested {
+                    let _ = tx.send(ToWorker::Cancel {
+                        job_id: *id,
+                        attempt: *attempt,
+                        grace: self.config.default_cancel_grace,
+                        reason: "CANCELLED".into(),
+                    });
+                }
+            }
+        }
+        let w = self.workers.get_mut(&hello.worker_id).expect("worker");
         w.tx = Some(tx);
         for q in &queues {
             let qs = self.queues.entry(q.clone()).or_default();
@@ -981,7 +1093,14 @@ impl Core {
             }
             self.mark_dirty(q);
         }
-        self.timer(lease_expires, Timer::WorkerLease(hello.worker_id.clone()));
+        if let Some(k) = old_lease_timer {
+            self.timers.remove(k);
+        }
+        let k = self.timer(lease_expires, Timer::WorkerLease(hello.worker_id.clone()));
+        self.workers
+            .get_mut(&hello.worker_id)
+            .expect("worker")
+            .lease_timer = Some(k);
         for id in lost {
             let err = JobError::new(
                 "WORKER_LOST",
@@ -996,23 +1115,42 @@ impl Core {
             self.lose_attempt(id, err, now, out);
         }
         self.settle(now, out);
-        WorkerSession {
+        Ok(WorkerSession {
             worker_id: hello.worker_id,
             namespace: hello.namespace,
             session,
-        }
+        })
     }
 
     fn lose_attempt(&mut self, id: JobId, err: JobError, now: Timestamp, out: &mut Outbox) {
         let Some(job) = self.active_job(id) else {
             return;
         };
-        if matches!(job.state, JobState::Leased | JobState::Running) {
-            if job.cancel_requested {
+        match job.state {
+            JobState::Leased | JobState::Running if job.cancel_requested => {
                 let _ = self.apply(id, Trigger::Cancel, now, out, |_| {});
-            } else {
+            }
+            // Never acknowledged: it did not run, so it costs no retry.
+            JobState::Leased => {
+                self.requeue(
+                    id,
+                    Trigger::AckTimeout,
+                    Duration::ZERO,
+                    false,
+                    err,
+                    now,
+                    out,
+                );
+            }
+            JobState::Running => {
                 self.fail_attempt(id, err, true, Trigger::Fail, now, out);
             }
+            JobState::Queued
+            | JobState::Succeeded
+            | JobState::Failed
+            | JobState::Cancelled
+            | JobState::TimedOut
+            | JobState::Expired => {}
         }
     }
 
@@ -1049,7 +1187,11 @@ impl Core {
     }
 
     fn remove_worker(&mut self, wid: &WorkerId) -> Option<WorkerState> {
+        self.clear_all_zombies(wid);
         let w = self.workers.remove(wid)?;
+        if let Some(k) = w.lease_timer {
+            self.timers.remove(k);
+        }
         for q in &w.queues {
             if let Some(qs) = self.queues.get_mut(q) {
                 qs.workers.retain(|x| x != wid);
@@ -1122,15 +1264,7 @@ impl Core {
         out: &mut Outbox,
     ) -> Result<(), &'static str> {
         if matches!(kind, ReportKind::Outcome(_)) {
-            // The worker is done with an attempt the service had already ended: its slot is free.
-            if let Some(w) = self.workers.get_mut(&s.worker_id) {
-                if w.zombies.remove(&(id, attempt)) {
-                    let queues = w.queues.clone();
-                    for q in &queues {
-                        self.mark_dirty(q);
-                    }
-                }
-            }
+            self.clear_zombie(&s.worker_id, (id, attempt));
         }
         let Some(job) = self.active_job(id) else {
             return Err("UNKNOWN_JOB");
@@ -1325,6 +1459,11 @@ impl Core {
                 if job.state == JobState::Leased && job.attempt == attempt {
                     self.active_mut(id).state_timer = None;
                     self.ask_worker_to_stop(&job, Duration::ZERO, "ACK_TIMEOUT", out);
+                    if job.cancel_requested {
+                        let _ = self.apply(id, Trigger::Cancel, now, out, |_| {});
+                        self.settle(now, out);
+                        return;
+                    }
                     // Back to the queue at once, without using the retry budget.
                     self.requeue(
                         id,
@@ -1394,7 +1533,8 @@ impl Core {
                 let now_i = Instant::now();
                 if w.lease_expires > now_i {
                     let at = w.lease_expires;
-                    self.timer(at, Timer::WorkerLease(wid));
+                    let k = self.timer(at, Timer::WorkerLease(wid.clone()));
+                    self.workers.get_mut(&wid).expect("worker").lease_timer = Some(k);
                     return;
                 }
                 tracing::warn!(worker = %wid, attempts = w.inflight.len(), "worker lease expired; worker lost");
@@ -1555,8 +1695,14 @@ impl Core {
                 assert_eq!(a.ready, Some(*r));
             }
             if q.config.max_concurrency > 0 {
-                assert!(q.active <= q.config.max_concurrency);
+                assert!(q.active + q.zombies <= q.config.max_concurrency);
             }
+            let zombies: usize = self
+                .workers
+                .values()
+                .map(|w| w.zombies.values().filter(|z| *z == qk).count())
+                .sum();
+            assert_eq!(q.zombies as usize, zombies, "zombie slots of {qk}");
         }
         for w in self.workers.values() {
             for id in &w.inflight {

@@ -599,7 +599,11 @@ impl Engine {
         let grace = grace.unwrap_or(self.config.default_cancel_grace);
         let (res, rx) =
             self.with_core(|core, now, out| core.cancel(namespace, id, grace, reason, now, out));
-        Self::committed(rx).await?;
+        // Even when this cancel wrote nothing (already requested; or the job just ended and its
+        // terminal write is still in flight), answer only after everything before it is
+        // committed, so the answer never shows uncommitted state.
+        let rx = rx.unwrap_or_else(|| self.committer.enqueue(Outbox::default()));
+        Self::committed(Some(rx)).await?;
         match res {
             Some((job, outcome)) => Ok(((*job).clone(), outcome)),
             None => {
@@ -625,7 +629,7 @@ impl Engine {
     ) -> Result<impl Stream<Item = Result<Arc<Event>, EngineError>> + Send + 'static, EngineError>
     {
         let sub = self.hub.subscribe(id, true);
-        let _guard = sub.guard;
+        let guard = sub.guard;
         let mut snapshot = sub.snapshot;
         let mut events = sub.events.expect("asked for events");
         let job = match self.store.get_job(id).await? {
@@ -634,6 +638,8 @@ impl Engine {
         };
         let engine = self.clone();
         Ok(async_stream::try_stream! {
+            // The subscription lives as long as the stream.
+            let _guard = guard;
             let mut last = from_seq;
             let mut known = Arc::new(job);
             loop {
@@ -701,7 +707,7 @@ impl Engine {
         self.check_open()?;
         let (s, rx) = self.with_core(|core, now, out| core.connect_worker(hello, tx, now, out));
         drop(rx);
-        Ok(s)
+        s
     }
 
     /// Handles a worker's reports at once (in order with everything else the engine does) and
@@ -792,7 +798,8 @@ impl Engine {
     /// Deletes terminal jobs (and their events) finished longer than the retention ago, in
     /// rounds of bounded size.
     async fn prune(&self) {
-        const ROUND: u32 = 1000;
+        // Small rounds: each holds the single writer connection while it deletes.
+        const ROUND: u32 = 200;
         let keep = self.config.retention.max(self.config.idempotency_retention);
         let before = Timestamp(Timestamp::now().0 - keep.as_micros().min(i64::MAX as u128) as i64);
         let mut total = 0;

@@ -165,7 +165,10 @@ impl World {
         let mut rxs = Vec::new();
         for i in 0..2 {
             let (tx, rx) = mpsc::unbounded_channel();
-            sessions.push(core.connect_worker(hello(i, vec![]), tx, now, &mut out));
+            sessions.push(
+                core.connect_worker(hello(i, vec![]), tx, now, &mut out)
+                    .unwrap(),
+            );
             rxs.push(rx);
         }
         let specs = (0..jobs)
@@ -366,9 +369,10 @@ impl World {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let mut out = Outbox::default();
-        self.sessions[worker] =
-            self.core
-                .connect_worker(hello(worker, running), tx, Timestamp::now(), &mut out);
+        self.sessions[worker] = self
+            .core
+            .connect_worker(hello(worker, running), tx, Timestamp::now(), &mut out)
+            .unwrap();
         self.rxs[worker] = rx;
         self.ledger.absorb(&mut out);
     }
