@@ -30,7 +30,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/
 /// Rows per multi-row statement, largest first (SQLite allows 32,766 bound parameters). A batch
 /// is cut into pieces of these fixed sizes so that the statement texts repeat and their prepared
 /// statements come from the connection's cache instead of being parsed again.
-const CHUNK_SIZES: [usize; 5] = [256, 64, 16, 4, 1];
+const CHUNK_SIZES: [usize; 4] = [1024, 128, 16, 1];
 
 /// Cuts `items` into pieces of the sizes in [`CHUNK_SIZES`].
 fn fixed_chunks<T>(mut items: &[T]) -> Vec<&[T]> {
