@@ -27,23 +27,10 @@ use crate::engine::model::{
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/sqlite");
 
-/// Rows per multi-row statement, largest first (SQLite allows 32,766 bound parameters). A batch
-/// is cut into pieces of these fixed sizes so that the statement texts repeat and their prepared
-/// statements come from the connection's cache instead of being parsed again.
-const CHUNK_SIZES: [usize; 4] = [1024, 128, 16, 1];
-
-/// Cuts `items` into pieces of the sizes in [`CHUNK_SIZES`].
-fn fixed_chunks<T>(mut items: &[T]) -> Vec<&[T]> {
-    let mut out = Vec::new();
-    for size in CHUNK_SIZES {
-        while items.len() >= size {
-            let (head, tail) = items.split_at(size);
-            out.push(head);
-            items = tail;
-        }
-    }
-    out
-}
+/// Most rows per multi-row statement (SQLite allows 32,766 bound parameters; a job insert binds
+/// 28 per row). Few, large statements per transaction: each statement is a round trip to sqlx's
+/// SQLite thread, which costs more than parsing a statement text the cache has not seen.
+const ROWS_PER_STATEMENT: usize = 1024;
 
 const JOB_COLUMNS: &str = "id, namespace, queue, payload, labels, priority, idempotency_key, \
     state, attempt, retries_used, retry_policy, run_timeout_us, max_wait_us, result, \
@@ -185,7 +172,7 @@ impl Store for SqliteStore {
             .filter(|jw| jw.insert)
             .map(|jw| &*jw.latest)
             .collect();
-        for chunk in fixed_chunks(&inserts) {
+        for chunk in inserts.chunks(ROWS_PER_STATEMENT) {
             let mut qb: QueryBuilder<Sqlite> =
                 QueryBuilder::new(format!("INSERT INTO jobs ({JOB_COLUMNS}) "));
             qb.push_values(chunk, |mut b, job| {
@@ -225,7 +212,7 @@ impl Store for SqliteStore {
             .filter_map(|id| jobs.get(id))
             .filter(|jw| !jw.insert)
             .collect();
-        for chunk in fixed_chunks(&updates) {
+        for chunk in updates.chunks(ROWS_PER_STATEMENT) {
             // One statement per chunk: a VALUES table of new rows joined on id and expected
             // version. Every row must match, or the batch is a conflict and rolls back.
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
@@ -277,7 +264,7 @@ impl Store for SqliteStore {
                 });
             }
         }
-        for chunk in fixed_chunks(&events) {
+        for chunk in events.chunks(ROWS_PER_STATEMENT) {
             let mut qb: QueryBuilder<Sqlite> =
                 QueryBuilder::new("INSERT INTO job_events (job_id, seq, time, detail, data) ");
             qb.push_values(chunk, |mut b, e| {
@@ -388,7 +375,7 @@ impl Store for SqliteStore {
 
     async fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError> {
         let mut out = Vec::with_capacity(ids.len());
-        for chunk in fixed_chunks(ids) {
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
             let mut qb: QueryBuilder<Sqlite> =
                 QueryBuilder::new(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id IN ("));
             let mut sep = qb.separated(", ");
@@ -490,7 +477,7 @@ impl Store for SqliteStore {
         .bind(limit as i64)
         .fetch_all(&mut *tx)
         .await?;
-        for chunk in fixed_chunks(&ids) {
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
             for table in ["job_events WHERE job_id", "jobs WHERE id"] {
                 let mut qb: QueryBuilder<Sqlite> =
                     QueryBuilder::new(format!("DELETE FROM {table} IN ("));
@@ -603,19 +590,4 @@ fn job_from_row(r: &SqliteRow) -> Result<Job, StoreError> {
         version: r.try_get::<i64, _>("version")? as u64,
         output_bytes: r.try_get::<i64, _>("output_bytes")? as u64,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::fixed_chunks;
-
-    #[test]
-    fn fixed_chunks_cover_everything_in_known_sizes() {
-        for n in [0usize, 1, 3, 4, 5, 63, 64, 65, 300, 1000] {
-            let v: Vec<usize> = (0..n).collect();
-            let parts = fixed_chunks(&v);
-            assert_eq!(parts.concat(), v);
-            assert!(parts.iter().all(|p| super::CHUNK_SIZES.contains(&p.len())));
-        }
-    }
 }
