@@ -77,6 +77,25 @@ struct WorkerState {
 }
 
 impl WorkerState {
+    /// A worker not connected yet (its stream attaches on hello).
+    fn new(id: WorkerId, namespace: Name, lease_expires: Instant) -> Self {
+        WorkerState {
+            id,
+            namespace,
+            name: String::new(),
+            queues: Vec::new(),
+            concurrency: 0,
+            labels: BTreeMap::new(),
+            inflight: HashSet::new(),
+            zombies: HashMap::new(),
+            tx: None,
+            session: 0,
+            lease_expires,
+            lease_timer: None,
+            draining: false,
+        }
+    }
+
     fn has_credit(&self) -> bool {
         self.tx.is_some()
             && !self.draining
@@ -207,24 +226,9 @@ impl Core {
                 }
                 JobState::Leased | JobState::Running => {
                     let wid = worker.unwrap_or_else(|| WorkerId("unknown".into()));
-                    let w = self
-                        .workers
-                        .entry(wid.clone())
-                        .or_insert_with(|| WorkerState {
-                            id: wid.clone(),
-                            namespace: qk.namespace.clone(),
-                            name: String::new(),
-                            queues: Vec::new(),
-                            concurrency: 0,
-                            labels: BTreeMap::new(),
-                            inflight: HashSet::new(),
-                            zombies: HashMap::new(),
-                            lease_timer: None,
-                            tx: None,
-                            session: 0,
-                            lease_expires: lease,
-                            draining: false,
-                        });
+                    let w = self.workers.entry(wid.clone()).or_insert_with(|| {
+                        WorkerState::new(wid.clone(), qk.namespace.clone(), lease)
+                    });
                     w.inflight.insert(id);
                     w.concurrency = w.inflight.len() as u32;
                     self.rearm_recovered(id, now);
@@ -1036,20 +1040,12 @@ impl Core {
         let w = self
             .workers
             .entry(hello.worker_id.clone())
-            .or_insert_with(|| WorkerState {
-                id: hello.worker_id.clone(),
-                namespace: hello.namespace.clone(),
-                name: String::new(),
-                queues: Vec::new(),
-                concurrency: 0,
-                labels: BTreeMap::new(),
-                inflight: HashSet::new(),
-                zombies: HashMap::new(),
-                lease_timer: None,
-                tx: None,
-                session: 0,
-                lease_expires,
-                draining: false,
+            .or_insert_with(|| {
+                WorkerState::new(
+                    hello.worker_id.clone(),
+                    hello.namespace.clone(),
+                    lease_expires,
+                )
             });
         w.namespace = hello.namespace.clone();
         w.name = hello.name.clone();
