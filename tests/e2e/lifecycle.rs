@@ -170,7 +170,7 @@ async fn many_concurrent_waiters_are_all_woken() {
     let client = server.client().await;
     let s = client.submit(JobSpec::new("later")).await.unwrap().job;
     let mut waiters = Vec::new();
-    for _ in 0..500 {
+    for _ in 0..2000 {
         let c = client.clone();
         let id = s.id.clone();
         waiters.push(tokio::spawn(async move {
@@ -214,6 +214,39 @@ async fn scheduled_jobs_wait_for_their_time() {
     assert!(
         w.job.started_at.unwrap() + Duration::from_millis(1) >= at,
         "not started before its time"
+    );
+    worker.stop().await.unwrap();
+}
+
+/// A thousand waiters cost one read each when they start, and nothing more: not while nothing
+/// changes, and not when the job's completion wakes them all.
+#[tokio::test]
+async fn waiters_cost_no_queries_while_waiting() {
+    let (server, store) = TestServer::start_counting().await;
+    let client = server.client().await;
+    let s = client.submit(JobSpec::new("counted")).await.unwrap().job;
+    let before = store.reads();
+    let mut waiters = Vec::new();
+    for _ in 0..1000 {
+        let c = client.clone();
+        let id = s.id.clone();
+        waiters.push(tokio::spawn(async move {
+            c.wait(&id, Duration::from_secs(25)).await
+        }));
+    }
+    // Every waiter has made its one read and is now waiting on the hub.
+    guard("initial reads", store.wait_reads(before + 1000)).await;
+    let worker = spawn_worker(&server.addr, "counted", 1, |_ctx: JobContext| async {
+        Ok(b"ok".to_vec())
+    });
+    for w in waiters {
+        let r = guard("waiter", w).await.unwrap().unwrap();
+        assert_eq!(r.job.state, JobState::Succeeded);
+    }
+    assert_eq!(
+        store.reads(),
+        before + 1000,
+        "waking 1,000 waiters read nothing from the database"
     );
     worker.stop().await.unwrap();
 }

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jobplane_proto::pb;
+use jobplane_server::engine::model::{Event, Job, JobFilter, JobId, Timestamp};
+use jobplane_server::store::{Recovered, Store, StoreError, Write};
 use jobplane_server::EngineConfig;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
@@ -61,10 +63,35 @@ impl TestServer {
     }
 
     async fn start_on(dir: Arc<tempfile::TempDir>, config: EngineConfig) -> TestServer {
+        Self::start_wrapped(dir, config, |s| s).await
+    }
+
+    /// Starts a server whose store counts its reads (see [`CountingStore`]).
+    pub async fn start_counting() -> (TestServer, Arc<CountingStore>) {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let counting = Arc::new(std::sync::Mutex::new(None));
+        let c = counting.clone();
+        let server = Self::start_wrapped(dir, fast_config(), move |inner| {
+            let store = Arc::new(CountingStore::new(inner));
+            *c.lock().expect("lock") = Some(store.clone());
+            store
+        })
+        .await;
+        let store = counting.lock().expect("lock").take().expect("store");
+        (server, store)
+    }
+
+    async fn start_wrapped(
+        dir: Arc<tempfile::TempDir>,
+        config: EngineConfig,
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+    ) -> TestServer {
         let db_url = format!("sqlite://{}", dir.path().join("jobplane.db").display());
-        let store = jobplane_server::store::open(&db_url)
-            .await
-            .expect("open store");
+        let store = wrap(
+            jobplane_server::store::open(&db_url)
+                .await
+                .expect("open store"),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -125,6 +152,71 @@ impl Drop for TestServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+/// A store that counts the reads the engine makes, to show what costs a query and what does not.
+pub struct CountingStore {
+    inner: Arc<dyn Store>,
+    reads: tokio::sync::watch::Sender<u64>,
+}
+
+impl CountingStore {
+    fn new(inner: Arc<dyn Store>) -> Self {
+        CountingStore {
+            inner,
+            reads: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    fn read(&self) {
+        self.reads.send_modify(|n| *n += 1);
+    }
+
+    /// Reads so far.
+    pub fn reads(&self) -> u64 {
+        *self.reads.borrow()
+    }
+
+    /// Waits until at least `n` reads happened.
+    pub async fn wait_reads(&self, n: u64) {
+        let mut rx = self.reads.subscribe();
+        rx.wait_for(|r| *r >= n).await.expect("counter alive");
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for CountingStore {
+    async fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
+        self.inner.apply(writes).await
+    }
+    async fn recover(&self) -> Result<Recovered, StoreError> {
+        self.inner.recover().await
+    }
+    async fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        self.read();
+        self.inner.get_job(id).await
+    }
+    async fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError> {
+        self.read();
+        self.inner.get_jobs(ids).await
+    }
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
+        self.read();
+        self.inner.list_jobs(filter).await
+    }
+    async fn events(&self, id: JobId, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        self.read();
+        self.inner.events(id, after, limit).await
+    }
+    async fn prune_finished(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
+        self.inner.prune_finished(before, limit).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+    async fn close(&self) {
+        self.inner.close().await
     }
 }
 
