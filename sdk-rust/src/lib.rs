@@ -93,3 +93,8 @@ pub use types::{
     WaitManyResult, WaitMode, WaitOptions, WaitResult, WorkerInfo,
 };
 pub use worker::{Handler, HandlerError, JobContext, Worker, WorkerBuilder, WorkerHandle};
+
+/// The README's Rust examples, compiled as doc tests so they cannot drift from the API.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
