@@ -40,6 +40,9 @@ struct Args {
     /// Concurrent submitters.
     #[arg(long, default_value_t = 8)]
     submitters: usize,
+    /// Use a service already running at this address instead of starting one in-process.
+    #[arg(long)]
+    addr: Option<String>,
     /// SQLite durability: `full` (survives power loss) or `normal` (survives kill -9).
     #[arg(long, default_value = "full")]
     synchronous: String,
@@ -164,23 +167,31 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
-    let db = format!(
-        "sqlite://{}?synchronous={}",
-        dir.path().join("bench.db").display(),
-        args.synchronous
-    );
-    let store = jobplane_server::store::open(&db).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = format!("http://{}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(jobplane_server::run(
-        listener,
-        store,
-        jobplane_server::EngineConfig::default(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    // Either a service in this process on a temp database, or one already running elsewhere
+    // (`--addr`), e.g. to keep the service and the load generator in separate processes.
+    let (addr, server) = match &args.addr {
+        Some(addr) => (addr.clone(), None),
+        None => {
+            let db = format!(
+                "sqlite://{}?synchronous={}",
+                dir.path().join("bench.db").display(),
+                args.synchronous
+            );
+            let store = jobplane_server::store::open(&db).await?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = format!("http://{}", listener.local_addr()?);
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(jobplane_server::run(
+                listener,
+                store,
+                jobplane_server::EngineConfig::default(),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ));
+            (addr, Some((stop_tx, task)))
+        }
+    };
     let client = Client::connect(addr.clone()).await.context("connect")?;
     let marks = Arc::new(Mutex::new(Marks::default()));
     let workers = start_workers(&addr, args.workers, args.concurrency, marks.clone()).await;
@@ -238,8 +249,10 @@ async fn main() -> anyhow::Result<()> {
     for w in workers {
         w.stop().await?;
     }
-    let _ = stop_tx.send(());
-    server.await??;
+    if let Some((stop_tx, task)) = server {
+        let _ = stop_tx.send(());
+        task.await??;
+    }
     let out = serde_json::json!({
         "jobs": args.jobs,
         "workers": args.workers,
