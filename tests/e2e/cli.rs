@@ -5,9 +5,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use futures::StreamExt;
-use jobplane::{EventKind, JobState, WaitOptions};
+use jobplane::{EventKind, JobSpec, JobState, OutputStream, WaitOptions};
 use jobplane_tests::{guard, jobplane_bin, TestServer};
 use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 /// Runs a client command to completion; returns (exit code, stdout).
 async fn cli(addr: &str, args: &[&str]) -> (i32, String) {
@@ -37,7 +38,16 @@ fn json(s: &str) -> Value {
 
 /// Starts `jobplane worker QUEUE -- sh -c SCRIPT`.
 fn cli_worker(addr: &str, queue: &str, script: &str) -> tokio::process::Child {
-    tokio::process::Command::new(jobplane_bin())
+    cli_worker_command(addr, queue, script)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn worker")
+}
+
+/// `jobplane worker QUEUE -- sh -c SCRIPT`, to be spawned; standard output goes nowhere.
+fn cli_worker_command(addr: &str, queue: &str, script: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(jobplane_bin());
+    command
         .args([
             "worker",
             queue,
@@ -53,10 +63,97 @@ fn cli_worker(addr: &str, queue: &str, script: &str) -> tokio::process::Child {
         .env("JOBPLANE_ADDR", addr)
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn worker")
+        .kill_on_drop(true);
+    command
+}
+
+/// A named pipe that the commands under test open as their fd 3, which whatever they start
+/// inherits. Its end of file shows that every process holding it has exited: that is how these
+/// tests see that a command and everything it started were stopped for real.
+struct Fifo {
+    path: String,
+    rx: tokio::net::unix::pipe::Receiver,
+    _dir: tempfile::TempDir,
+}
+
+impl Fifo {
+    fn new() -> Fifo {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("fifo").display().to_string();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .expect("run mkfifo");
+        assert!(made.success(), "mkfifo {path}");
+        // Opened before any command runs, so that a command opening it for writing does not
+        // block. Only read once a writer is known to have it open: without writers, a read
+        // returns end of file at once.
+        let rx = tokio::net::unix::pipe::OpenOptions::new()
+            .open_receiver(&path)
+            .expect("open the FIFO");
+        Fifo {
+            path,
+            rx,
+            _dir: dir,
+        }
+    }
+
+    /// Shell words opening the FIFO as fd 3 of the current shell.
+    fn open_fd3(&self) -> String {
+        format!("exec 3>'{}'", self.path)
+    }
+
+    /// Reads what was written until every process holding it has exited.
+    async fn read_until_all_closed(mut self) -> String {
+        let mut text = String::new();
+        guard(
+            "every process holding the FIFO to exit",
+            self.rx.read_to_string(&mut text),
+        )
+        .await
+        .expect("read the FIFO");
+        text
+    }
+}
+
+/// Follows the job's standard output until it contains `needle`; returns it so far.
+async fn stdout_until(client: &jobplane::Client, id: &str, needle: &str) -> String {
+    let mut events = client.watch(id, 0);
+    let mut stdout = String::new();
+    guard(&format!("the job to print {needle:?}"), async {
+        while let Some(event) = events.next().await {
+            let event = event.expect("watch");
+            if let EventKind::Output {
+                stream: OutputStream::Stdout,
+                data,
+                ..
+            } = &event.kind
+            {
+                stdout.push_str(&String::from_utf8_lossy(data));
+                if stdout.contains(needle) {
+                    return;
+                }
+            }
+        }
+        panic!("the job ended without printing {needle:?}: {stdout:?}");
+    })
+    .await;
+    stdout
+}
+
+/// Sends `signal` (`TERM`, `KILL`) to process `pid`.
+async fn send_signal(signal: &str, pid: u32) {
+    let status = tokio::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .await
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Submits without retries (a failure is final); returns the job's id.
+async fn submit(client: &jobplane::Client, spec: JobSpec) -> String {
+    client.submit(spec.retries(0)).await.expect("submit").job.id
 }
 
 #[tokio::test]
@@ -242,4 +339,140 @@ async fn cli_failures_cancel_and_listings() {
     // Bad input: a clear error naming the field, non-zero exit.
     let (code, _) = cli(&server.addr, &["submit", "bad queue"]).await;
     assert_ne!(code, 0);
+}
+
+#[tokio::test]
+async fn cli_worker_finishes_a_job_whose_background_child_holds_its_output() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let fifo = Fifo::new();
+    // The background `sleep` inherits standard output (and the FIFO) and never exits by itself;
+    // the main process prints its result and exits 0 at once.
+    let _worker = cli_worker(
+        &server.addr,
+        "bg",
+        &format!("{}; sleep 1000 & exec 3>&-; echo done", fifo.open_fd3()),
+    );
+    let id = submit(&client, JobSpec::new("bg")).await;
+    let done = guard(
+        "the job to end although its output is still open",
+        client.wait(&id, Duration::from_secs(25)),
+    )
+    .await
+    .unwrap();
+    assert!(done.reached, "the job ended: {:?}", done.job.state);
+    assert_eq!(done.job.state, JobState::Succeeded, "{:?}", done.job.error);
+    assert_eq!(
+        done.job.result.as_deref(),
+        Some(&b"done"[..]),
+        "the main process's last line is the result"
+    );
+    // The main process had the FIFO open before it exited, so the background child held it
+    // since: its end shows that the child was stopped, not left behind.
+    assert_eq!(fifo.read_until_all_closed().await, "");
+}
+
+#[tokio::test]
+async fn cli_worker_second_signal_kills_the_running_commands() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let fifo = Fifo::new();
+    // A main process and a background child, both holding the FIFO, neither ever exiting.
+    let script = format!(
+        "{}; sleep 1000 & echo started; exec sleep 1000",
+        fifo.open_fd3()
+    );
+    let mut worker = cli_worker_command(&server.addr, "stubborn", &script)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn worker");
+    let mut logs = BufReader::new(worker.stderr.take().expect("stderr")).lines();
+    let pid = worker.id().expect("worker pid");
+    let id = submit(&client, JobSpec::new("stubborn")).await;
+    stdout_until(&client, &id, "started").await;
+
+    // The first signal drains: the command keeps running (the shutdown timeout is 30 s).
+    send_signal("TERM", pid).await;
+    guard("the worker to start draining", async {
+        while let Some(line) = logs.next_line().await.expect("worker log") {
+            if line.contains("signal again") {
+                return;
+            }
+        }
+        panic!("the worker exited on the first signal");
+    })
+    .await;
+    let job = client.get(&id).await.unwrap();
+    assert_eq!(job.state, JobState::Running, "the first signal lets it run");
+
+    // The second one exits at once, and takes the command's whole process group with it.
+    send_signal("TERM", pid).await;
+    let status = guard("the worker to exit", worker.wait())
+        .await
+        .expect("wait for the worker");
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert_eq!(fifo.read_until_all_closed().await, "");
+}
+
+#[tokio::test]
+async fn cli_worker_reports_a_command_killed_by_a_signal() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    // `main`: the main process prints its own pid; `child`: the shell prints its child's pid
+    // and reports how that child ended as its own exit code.
+    let _worker = cli_worker(
+        &server.addr,
+        "killed",
+        "read who; case \"$who\" in main) echo $$; exec sleep 1000;; *) sleep 1000 & echo $!; wait $!;; esac",
+    );
+    for (who, expected) in [
+        ("main", "command killed by SIGKILL (signal 9)"),
+        ("child", "code 137"),
+    ] {
+        let id = submit(
+            &client,
+            JobSpec::new("killed").payload(format!("{who}\n").into_bytes()),
+        )
+        .await;
+        let out = stdout_until(&client, &id, "\n").await;
+        let pid: u32 = out.trim().parse().expect("a pid");
+        // Killed by someone else than the worker.
+        send_signal("KILL", pid).await;
+        let done = guard("the job to fail", client.wait(&id, Duration::from_secs(25)))
+            .await
+            .unwrap();
+        assert_eq!(done.job.state, JobState::Failed, "{who}");
+        let message = done.job.error.expect("an error").message;
+        assert!(message.contains(expected), "{who}: {message}");
+        assert!(message.contains("SIGKILL"), "{who}: {message}");
+    }
+}
+
+#[tokio::test]
+async fn cli_worker_sends_sigterm_before_sigkill_even_without_grace() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let fifo = Fifo::new();
+    // On SIGTERM, a cleanup that takes a little while (a tenth of the least grace the worker
+    // gives), then a word on the FIFO: it is only there if SIGKILL did not come right after
+    // SIGTERM.
+    let script = format!(
+        "{}; trap 'sleep 0.1; echo term >&3; exit 1' TERM; echo ready; sleep 1000 & wait",
+        fifo.open_fd3()
+    );
+    let _worker = cli_worker(&server.addr, "graceless", &script);
+    let id = submit(&client, JobSpec::new("graceless")).await;
+    stdout_until(&client, &id, "ready").await;
+    // No grace at all, like a run timeout or an ack timeout.
+    client.cancel(&id, Some(Duration::ZERO)).await.unwrap();
+    let done = guard("cancelled", client.wait(&id, Duration::from_secs(25)))
+        .await
+        .unwrap();
+    assert_eq!(done.job.state, JobState::Cancelled);
+    assert_eq!(
+        fifo.read_until_all_closed().await,
+        "term\n",
+        "the command ran its SIGTERM handler before being killed"
+    );
 }

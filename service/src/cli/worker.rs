@@ -2,12 +2,20 @@
 //!
 //! The job's payload is the command's standard input; `JOBPLANE_JOB_ID`, `JOBPLANE_ATTEMPT`
 //! and `JOBPLANE_QUEUE` (and `TRACEPARENT` when the submitter sent one) are set in its
-//! environment. Its standard output and error are streamed as the job's output, in order, and
-//! both are read to the end before the outcome is reported, so the last line is never lost. A
-//! standard error line `progress: <0-100> [message]` also reports progress. Exit code 0
-//! succeeds with the last non-empty line of standard output as the result; anything else is a
-//! retryable failure. On cancel the command's process group gets SIGTERM, then SIGKILL after
-//! the grace period.
+//! environment. Its standard output and error are streamed as the job's output, in order. A
+//! standard error line `progress: <0-100> [message]` also reports progress. The main process's
+//! exit status decides the outcome: 0 succeeds with the last non-empty line of standard output
+//! as the result; anything else is a retryable failure naming the exit code or the signal.
+//!
+//! The command runs in a process group of its own. After its main process exited, its output is
+//! read to the end before the outcome is reported, so the last line is never lost; but whatever
+//! it left running in the background and still holds the pipes is stopped after [`PIPE_DRAIN`]
+//! instead of keeping the job running. On cancel the group gets SIGTERM, then SIGKILL after the
+//! grace period (see [`process::MIN_KILL_GRACE`]). On SIGTERM or SIGINT the worker drains: it
+//! takes no new jobs and lets running ones finish, up to `--shutdown-timeout`, then cancels
+//! them. A second signal kills every command's process group and exits at once.
+
+mod process;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +26,11 @@ use jobplane::worker::{Handler, HandlerError, HandlerFuture, JobContext, Worker}
 use jobplane::OutputStream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use super::{parse_duration, parse_label, shutdown_signal, CliError, ConnArgs, Outcome};
+use self::process::{Groups, MIN_KILL_GRACE};
+use super::{parse_duration, parse_label, CliError, ConnArgs, Outcome};
 
 /// Read size of the command's pipes (also the largest output chunk).
 const READ_CHUNK: usize = 64 << 10;
@@ -27,6 +38,17 @@ const READ_CHUNK: usize = 64 << 10;
 const MAX_LINE: usize = 1 << 20;
 /// Longest error excerpt put into a failure message.
 const MAX_EXCERPT: usize = 500;
+/// Once the command's main process has exited, how long each output pipe may keep the job
+/// waiting for more output without giving any. Past it, what holds the pipe open (something the
+/// command left running in the background) is stopped and reading ends. Only time spent waiting
+/// on the pipe counts, not time spent sending what it gave (the service may be unreachable for
+/// a while): output written before the exit is never lost.
+const PIPE_DRAIN: Duration = Duration::from_secs(2);
+/// Once the main process has exited, more than this on one pipe cannot be what it wrote before
+/// exiting (several times what a pipe holds): something else keeps writing, and is stopped.
+const PIPE_DRAIN_BYTES: usize = 4 << 20;
+/// Exit code of a worker stopped by a second signal.
+const EXIT_SECOND_SIGNAL: i32 = 130;
 
 /// Arguments of `jobplane worker`.
 #[derive(Debug, Args)]
@@ -37,7 +59,8 @@ pub struct WorkerArgs {
     /// Jobs run at once.
     #[arg(long, default_value_t = 1)]
     pub concurrency: u32,
-    /// After a cancel, how long the command gets between SIGTERM and SIGKILL.
+    /// After a cancel, how long the command gets between SIGTERM and SIGKILL (at most the
+    /// cancel's own grace period, at least half a second).
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub grace: Duration,
     /// On SIGTERM/SIGINT, how long running commands may finish before being cancelled.
@@ -56,17 +79,24 @@ pub struct WorkerArgs {
     pub command: Vec<String>,
 }
 
-/// Runs the worker until SIGTERM or SIGINT (a second signal exits at once).
+/// Runs the worker until SIGTERM or SIGINT (a second signal kills the commands and exits).
 pub async fn run(args: WorkerArgs) -> Result<Outcome, CliError> {
     let Some((program, program_args)) = args.command.split_first() else {
         return Err(CliError::Usage(
             "missing the command to run after `--`".into(),
         ));
     };
+    // Listening from the start, so that no signal goes unseen between the first and the second.
+    let mut signals = StopSignals::new().map_err(|source| CliError::Io {
+        context: "cannot listen for SIGTERM and SIGINT".into(),
+        source,
+    })?;
+    let groups = Arc::new(Groups::default());
     let handler: Arc<dyn Handler> = Arc::new(CommandHandler {
         program: program.clone(),
         args: program_args.to_vec(),
         grace: args.grace,
+        groups: groups.clone(),
     });
     let mut builder = Worker::builder(args.conn.addr.clone())
         .namespace(args.conn.namespace.clone())
@@ -83,17 +113,59 @@ pub async fn run(args: WorkerArgs) -> Result<Outcome, CliError> {
     }
     let worker = builder.build()?;
     tracing::info!(worker_id = worker.id(), queues = ?args.queues, command = ?args.command, "running");
-    let shutdown = async {
-        shutdown_signal().await;
-        tracing::info!("shutting down: finishing running jobs (signal again to exit now)");
-        tokio::spawn(async {
-            shutdown_signal().await;
-            tracing::warn!("second signal: exiting now");
-            std::process::exit(130);
+    let shutdown = async move {
+        signals.recv().await;
+        tracing::info!(
+            "shutting down: finishing running jobs (signal again to kill them and exit now)"
+        );
+        tokio::spawn(async move {
+            signals.recv().await;
+            // `exit` runs no destructors: without this the commands would go on running while
+            // the service gives their jobs to other workers.
+            let killed = groups.kill_all();
+            tracing::warn!(
+                killed,
+                "second signal: killed the running commands' process groups; exiting now"
+            );
+            std::process::exit(EXIT_SECOND_SIGNAL);
         });
     };
     worker.run(shutdown).await?;
     Ok(Outcome::Success)
+}
+
+/// SIGTERM and SIGINT, as one stream.
+struct StopSignals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(StopSignals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(StopSignals {})
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Runs the command for one job.
@@ -101,84 +173,132 @@ struct CommandHandler {
     program: String,
     args: Vec<String>,
     grace: Duration,
+    groups: Arc<Groups>,
 }
 
 impl Handler for CommandHandler {
     fn handle(&self, ctx: JobContext) -> HandlerFuture {
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .env("JOBPLANE_JOB_ID", ctx.job_id())
+            .env("JOBPLANE_ATTEMPT", ctx.attempt().to_string())
+            .env("JOBPLANE_QUEUE", ctx.queue())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(tp) = ctx.traceparent() {
+            command.env("TRACEPARENT", tp);
+        }
         let program = self.program.clone();
-        let args = self.args.clone();
         let grace = self.grace;
-        Box::pin(async move { run_command(ctx, program, args, grace).await })
+        let groups = self.groups.clone();
+        Box::pin(async move { run_command(ctx, command, program, grace, groups).await })
     }
 }
 
 async fn run_command(
     ctx: JobContext,
+    mut command: Command,
     program: String,
-    args: Vec<String>,
     grace: Duration,
+    groups: Arc<Groups>,
 ) -> Result<Vec<u8>, HandlerError> {
-    let mut command = Command::new(&program);
-    command
-        .args(&args)
-        .env("JOBPLANE_JOB_ID", ctx.job_id())
-        .env("JOBPLANE_ATTEMPT", ctx.attempt().to_string())
-        .env("JOBPLANE_QUEUE", ctx.queue())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(tp) = ctx.traceparent() {
-        command.env("TRACEPARENT", tp);
-    }
     // Its own process group, so that signals reach whatever the command starts, and a Ctrl-C
-    // in the worker's terminal does not kill running jobs before the graceful shutdown.
-    #[cfg(unix)]
-    command.process_group(0);
-    let mut child = command
-        .spawn()
+    // in the worker's terminal does not kill running jobs before the graceful shutdown. If this
+    // future is dropped (the SDK aborts it), dropping `running` still stops the command.
+    let mut running = groups
+        .spawn(&mut command)
         .map_err(|e| HandlerError::retryable(format!("cannot start {program}: {e}")))?;
-    let group = ProcessGroup::new(child.id());
     // The job's span (set by the SDK) carries its id and attempt.
-    tracing::info!(pid = ?child.id(), "job started");
+    tracing::info!(pid = running.group.pgid(), "job started");
 
-    let stdin = child.stdin.take();
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
+    // Set once the main process has exited: the pipes then get a bounded drain.
+    let exited = CancellationToken::new();
+    let stdin = running.child.stdin.take();
     let payload = ctx.payload_bytes();
+    let feed_exited = exited.clone();
     let feed = async move {
-        if let Some(mut stdin) = stdin {
+        let Some(mut stdin) = stdin else { return };
+        let write = async {
             // A command that does not read its input closes the pipe: not an error.
             let _ = stdin.write_all(&payload).await;
             let _ = stdin.shutdown().await;
+        };
+        // Once the main process is gone nobody is meant to read the rest.
+        tokio::select! {
+            () = write => {}
+            () = feed_exited.cancelled() => {}
         }
     };
-    let out = pump(stdout, &ctx, OutputStream::Stdout, false);
-    let err = pump(stderr, &ctx, OutputStream::Stderr, true);
-    // Both pipes are read to their end before the outcome: the last line is never lost.
-    let work = async {
-        let (status, ((), stdout_last, stderr_last)) =
-            tokio::join!(child.wait(), async { tokio::join!(feed, out, err) });
-        (status, stdout_last, stderr_last)
-    };
-    tokio::pin!(work);
+    let mut out_lines = LineScanner::default();
+    let mut err_lines = LineScanner::default();
+    let out = pump(
+        running.stdout.as_mut(),
+        &ctx,
+        OutputStream::Stdout,
+        &mut out_lines,
+        false,
+        &exited,
+    );
+    let err = pump(
+        running.stderr.as_mut(),
+        &ctx,
+        OutputStream::Stderr,
+        &mut err_lines,
+        true,
+        &exited,
+    );
+    let mut io = Box::pin(async move {
+        let ((), out, err) = tokio::join!(feed, out, err);
+        out == PipeEnd::Closed && err == PipeEnd::Closed
+    });
 
     let cancellation = ctx.cancellation();
-    let (status, stdout_last, stderr_last) = tokio::select! {
-        done = &mut work => done,
-        () = cancellation.cancelled() => {
-            tracing::info!(reason = ctx.cancel_reason().unwrap_or("shutdown"), "cancelling: SIGTERM");
-            group.signal("TERM").await;
-            if tokio::time::timeout(grace, &mut work).await.is_err() {
-                tracing::warn!(?grace, "still running after the grace period: SIGKILL");
-                group.signal("KILL").await;
-                let _ = work.await;
+    let mut cancelled = false;
+    let mut kill_at: Option<Instant> = None;
+    let mut pipes_closed: Option<bool> = None;
+    let status = loop {
+        tokio::select! {
+            closed = &mut io, if pipes_closed.is_none() => pipes_closed = Some(closed),
+            status = running.child.wait() => break status,
+            () = cancellation.cancelled(), if !cancelled => {
+                cancelled = true;
+                tracing::info!(reason = ctx.cancel_reason().unwrap_or("shutdown"), "cancelling: SIGTERM");
+                let sent = running.group.terminate();
+                kill_at = Some(sent + grace.max(MIN_KILL_GRACE));
             }
-            group.disarm();
-            return Err(HandlerError::Cancelled);
+            () = sleep_until_opt(kill_at) => {
+                tracing::warn!(?grace, "still running after the grace period: SIGKILL");
+                running.group.kill();
+                kill_at = None;
+            }
         }
     };
-    group.disarm();
+    exited.cancel();
+    // Bounded now that the main process is gone (see `pump`).
+    let pipes_closed = match pipes_closed {
+        Some(closed) => closed,
+        None => (&mut io).await,
+    };
+    drop(io);
+    let stderr_last = finish_lines(&ctx, &mut err_lines, true).await;
+    let stdout_last = finish_lines(&ctx, &mut out_lines, false).await;
+    if !pipes_closed {
+        tracing::warn!(
+            drain = ?PIPE_DRAIN,
+            "the command exited, but what it left running still holds its output: stopping it"
+        );
+        running.stop_in_background();
+    } else if status.is_err() {
+        // Whether it still runs is unknown.
+        running.stop_in_background();
+    } else {
+        running.release();
+    }
+    if cancelled {
+        return Err(HandlerError::Cancelled);
+    }
     let status =
         status.map_err(|e| HandlerError::retryable(format!("cannot wait for {program}: {e}")))?;
     if status.success() {
@@ -196,58 +316,126 @@ async fn run_command(
     Err(HandlerError::retryable(message))
 }
 
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn exit_description(status: &std::process::ExitStatus) -> String {
     if let Some(code) = status.code() {
+        #[cfg(unix)]
+        if let Some(name) = code.checked_sub(128).and_then(process::signal_name) {
+            return format!(
+                "command exited with code {code} (128 + {}: how a shell reports a command killed by {name})",
+                code - 128
+            );
+        }
         return format!("command exited with code {code}");
     }
     #[cfg(unix)]
     {
         use std::os::unix::process::ExitStatusExt;
         if let Some(signal) = status.signal() {
-            return format!("command killed by signal {signal}");
+            let core = if status.core_dumped() {
+                ", core dumped"
+            } else {
+                ""
+            };
+            return match process::signal_name(signal) {
+                Some(name) => format!("command killed by {name} (signal {signal}{core})"),
+                None => format!("command killed by signal {signal}{core}"),
+            };
         }
     }
     format!("command ended abnormally ({status})")
 }
 
-/// Forwards a pipe as output, chunk by chunk, until its end. Returns the last non-empty line;
-/// on standard error, lines `progress: N [message]` also report progress.
+/// How reading a pipe ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PipeEnd {
+    /// End of file: every process holding it closed it.
+    Closed,
+    /// Given up after the main process exited (see [`PIPE_DRAIN`]).
+    StillOpen,
+}
+
+/// Forwards a pipe as output, chunk by chunk, feeding `lines`; on standard error, lines
+/// `progress: N [message]` also report progress. Reads to the end of the pipe, but once
+/// `exited` is set, only for [`PIPE_DRAIN`] of waiting and [`PIPE_DRAIN_BYTES`].
 async fn pump<R: AsyncRead + Unpin>(
-    reader: Option<R>,
+    reader: Option<&mut R>,
     ctx: &JobContext,
     stream: OutputStream,
+    lines: &mut LineScanner,
     progress: bool,
-) -> Option<Vec<u8>> {
-    let mut reader = reader?;
-    let mut lines = LineScanner::default();
+    exited: &CancellationToken,
+) -> PipeEnd {
+    let Some(reader) = reader else {
+        return PipeEnd::Closed;
+    };
     let mut buf = vec![0u8; READ_CHUNK];
+    let mut wait_left = PIPE_DRAIN;
+    let mut after_exit = 0usize;
     loop {
-        let n = match reader.read(&mut buf).await {
-            Ok(0) => break,
+        let read = if exited.is_cancelled() {
+            if after_exit > PIPE_DRAIN_BYTES {
+                return PipeEnd::StillOpen;
+            }
+            let started = Instant::now();
+            // Reading is cancel-safe: nothing read is lost when the timeout wins.
+            let Ok(read) = tokio::time::timeout(wait_left, reader.read(&mut buf)).await else {
+                return PipeEnd::StillOpen;
+            };
+            wait_left = wait_left.saturating_sub(started.elapsed());
+            read
+        } else {
+            tokio::select! {
+                read = reader.read(&mut buf) => read,
+                // Read again, with the drain's bounds.
+                () = exited.cancelled() => continue,
+            }
+        };
+        let n = match read {
+            Ok(0) => return PipeEnd::Closed,
             Ok(n) => n,
             Err(err) => {
                 tracing::warn!(%err, ?stream, "cannot read the command's output");
-                break;
+                return PipeEnd::Closed;
             }
         };
+        if exited.is_cancelled() {
+            after_exit += n;
+        }
         let chunk = Bytes::copy_from_slice(&buf[..n]);
         ctx.output(stream, chunk.clone()).await;
         for line in lines.feed(&chunk) {
             if progress {
-                if let Some((percent, message)) = parse_progress(&line) {
-                    ctx.progress(percent, message).await;
-                }
+                report_progress(ctx, &line).await;
             }
         }
     }
+}
+
+/// Ends a pipe's lines; returns its last non-empty line.
+async fn finish_lines(
+    ctx: &JobContext,
+    lines: &mut LineScanner,
+    progress: bool,
+) -> Option<Vec<u8>> {
     if let Some(line) = lines.finish() {
         if progress {
-            if let Some((percent, message)) = parse_progress(&line) {
-                ctx.progress(percent, message).await;
-            }
+            report_progress(ctx, &line).await;
         }
     }
-    lines.last_non_empty
+    lines.last_non_empty.take()
+}
+
+async fn report_progress(ctx: &JobContext, line: &[u8]) {
+    if let Some((percent, message)) = parse_progress(line) {
+        ctx.progress(percent, message).await;
+    }
 }
 
 /// Splits a byte stream into lines, remembering the last non-empty one.
@@ -319,58 +507,6 @@ fn parse_progress(line: &[u8]) -> Option<(f64, String)> {
     Some((percent, message.trim().to_owned()))
 }
 
-/// Signals the command's process group; on drop (the handler was aborted) kills it.
-struct ProcessGroup {
-    pid: Option<u32>,
-    armed: std::sync::atomic::AtomicBool,
-}
-
-impl ProcessGroup {
-    fn new(pid: Option<u32>) -> Self {
-        ProcessGroup {
-            pid,
-            armed: std::sync::atomic::AtomicBool::new(true),
-        }
-    }
-
-    /// Sends `signal` (`TERM`, `KILL`) to the whole group. Uses kill(1), since the workspace
-    /// forbids `unsafe` and has no signal crate.
-    async fn signal(&self, signal: &str) {
-        let Some(pid) = self.pid else { return };
-        let result = Command::new("kill")
-            .args([format!("-{signal}"), "--".into(), format!("-{pid}")])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .await;
-        if let Err(err) = result {
-            tracing::warn!(%err, pid, signal, "cannot run kill(1)");
-        }
-    }
-
-    fn disarm(&self) {
-        self.armed
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        if !self.armed.load(std::sync::atomic::Ordering::Relaxed) {
-            return;
-        }
-        if let Some(pid) = self.pid {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL".to_owned(), "--".into(), format!("-{pid}")])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,6 +560,21 @@ mod tests {
         let status = std::process::ExitStatus::from_raw(3 << 8);
         assert_eq!(exit_description(&status), "command exited with code 3");
         let killed = std::process::ExitStatus::from_raw(9);
-        assert_eq!(exit_description(&killed), "command killed by signal 9");
+        assert_eq!(
+            exit_description(&killed),
+            "command killed by SIGKILL (signal 9)"
+        );
+        let dumped = std::process::ExitStatus::from_raw(11 | 0x80);
+        assert_eq!(
+            exit_description(&dumped),
+            "command killed by SIGSEGV (signal 11, core dumped)"
+        );
+        let shell = std::process::ExitStatus::from_raw(137 << 8);
+        assert!(
+            exit_description(&shell).contains("code 137")
+                && exit_description(&shell).contains("SIGKILL"),
+            "{}",
+            exit_description(&shell)
+        );
     }
 }
