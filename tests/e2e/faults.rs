@@ -99,6 +99,77 @@ async fn lease_expiry_requeues_and_the_zombie_cannot_complete() {
     worker.stop().await.unwrap();
 }
 
+/// A cancel asked for before a reconnect is pushed again on the new stream, with what is left of
+/// its grace period (not a fresh default grace): the forced end stays where the cancel put it.
+#[tokio::test]
+async fn a_reconnected_worker_gets_the_pending_cancel_with_the_grace_left() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let mut raw = RawWorker::connect(&server.addr, "cancel-reconnect", &["cr"], 1).await;
+    let job = client.submit(JobSpec::new("cr")).await.unwrap().job;
+    let a = raw.assignments().await;
+    raw.ack(&job.id, a[0].attempt);
+    guard(
+        "running",
+        client.wait(
+            &job.id,
+            jobplane::WaitOptions::new()
+                .until([JobState::Running])
+                .timeout(Duration::from_secs(20)),
+        ),
+    )
+    .await
+    .unwrap();
+    let grace = Duration::from_secs(300);
+    client.cancel(&job.id, Some(grace)).await.unwrap();
+    let first = loop {
+        if let pb::connect_response::Msg::Cancel(c) = raw.next().await {
+            break c;
+        }
+    };
+    assert_eq!(first.job_id, job.id);
+    drop(raw);
+    let mut raw = RawWorker::connect_with(
+        &server.addr,
+        "cancel-reconnect",
+        &["cr"],
+        1,
+        vec![pb::AttemptRef {
+            job_id: job.id.clone(),
+            attempt: a[0].attempt,
+        }],
+    )
+    .await;
+    assert_eq!(raw.welcome.kept.len(), 1, "the attempt is kept");
+    let again = loop {
+        if let pb::connect_response::Msg::Cancel(c) = raw.next().await {
+            break c;
+        }
+    };
+    assert_eq!(
+        (again.job_id.as_str(), again.attempt),
+        (job.id.as_str(), a[0].attempt)
+    );
+    let left = again.grace.expect("grace");
+    let left = Duration::new(left.seconds as u64, left.nanos as u32);
+    // Well above the default grace (10 s), and not more than what the cancel gave.
+    assert!(
+        left > grace - Duration::from_secs(60) && left <= grace,
+        "grace left {left:?} of {grace:?}"
+    );
+    raw.report(
+        &job.id,
+        a[0].attempt,
+        pb::worker_report::Kind::Outcome(pb::AttemptOutcome {
+            kind: Some(pb::attempt_outcome::Kind::Cancelled(pb::Cancelled {})),
+        }),
+    );
+    let w = guard("cancelled", client.wait(&job.id, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(w.job.state, JobState::Cancelled);
+}
+
 #[tokio::test]
 async fn reconnect_within_the_lease_keeps_the_attempt() {
     let server = TestServer::start().await;

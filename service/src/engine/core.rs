@@ -1067,14 +1067,20 @@ impl Core {
             // A drain asked for while it was away still holds.
             let _ = tx.send(ToWorker::Drained);
         }
-        // Cancels asked for while it was away are sent again for the attempts it keeps.
+        // Cancels asked for while it was away are sent again for the attempts it keeps, with
+        // what is left of their grace period (the force timer keeps its original deadline).
         for (id, attempt) in &kept {
-            if let Some(j) = self.jobs.get(id).map(|a| a.job.clone()) {
-                if j.cancel_requested {
+            if let Some(a) = self.jobs.get(id) {
+                if a.job.cancel_requested {
+                    let grace = a
+                        .cancel_timer
+                        .map_or(self.config.default_cancel_grace, |k| {
+                            k.at().saturating_duration_since(Instant::now())
+                        });
                     let _ = tx.send(ToWorker::Cancel {
                         job_id: *id,
                         attempt: *attempt,
-                        grace: self.config.default_cancel_grace,
+                        grace,
                         reason: "CANCELLED".into(),
                     });
                 }

@@ -31,6 +31,13 @@ pub(crate) enum Timer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct TimerKey(Instant, u64);
 
+impl TimerKey {
+    /// When the timer fires.
+    pub fn at(self) -> Instant {
+        self.0
+    }
+}
+
 /// The deadline queue.
 #[derive(Default)]
 pub(crate) struct Timers {
