@@ -238,6 +238,7 @@ pub fn spec(s: Option<pb::JobSpec>, f: &str) -> R<JobSpec> {
         labels: Arc::new(labels(s.labels, &format!("{f}.labels"))?),
         priority: s.priority,
         idempotency_key: (!s.idempotency_key.is_empty()).then_some(s.idempotency_key),
+        demand: Default::default(),
         run_timeout,
         max_wait: duration(s.max_wait.as_ref(), &format!("{f}.max_wait"))?,
         retry_policy: retry_policy(s.retry_policy, &format!("{f}.retry_policy"))?,
@@ -462,6 +463,7 @@ pub fn hello(h: pb::WorkerHello) -> R<WorkerHello> {
         queues,
         concurrency: h.concurrency,
         labels: labels(h.labels, "hello.labels")?,
+        resources: Resources::default(),
         name: h.name.chars().take(256).collect(),
         running,
     })

@@ -19,8 +19,8 @@ use super::model::*;
 use super::state::{transition, InvalidTransition, Trigger};
 use super::timers::{Timer, TimerKey, Timers};
 use super::{
-    CancelOutcome, EngineConfig, EngineError, Outcome, QueueInfo, Report, ReportKind, ToWorker,
-    WorkerHello, WorkerInfo, WorkerSession,
+    CancelOutcome, EngineConfig, EngineError, Outcome, PoolInfo, QueueInfo, Report, ReportKind,
+    ToWorker, WorkerHello, WorkerInfo, WorkerSession,
 };
 use crate::store::{Recovered, Write};
 
@@ -115,6 +115,7 @@ pub(crate) struct Core {
     pub config: EngineConfig,
     jobs: HashMap<JobId, Active>,
     queues: HashMap<QueueKey, QueueState>,
+    pools: HashMap<PoolKey, PoolConfig>,
     workers: HashMap<WorkerId, WorkerState>,
     idempotency: HashMap<(Name, String), IdempotencyRecord>,
     pub timers: Timers,
@@ -146,6 +147,7 @@ impl Core {
             config,
             jobs: HashMap::new(),
             queues: HashMap::new(),
+            pools: HashMap::new(),
             workers: HashMap::new(),
             idempotency: HashMap::new(),
             timers: Timers::default(),
@@ -178,6 +180,9 @@ impl Core {
     pub fn recover(&mut self, r: Recovered, now: Timestamp) {
         for (key, config) in r.queues {
             self.queues.entry(key).or_default().config = config;
+        }
+        for (key, config) in r.pools {
+            self.pools.insert(key, config);
         }
         for rec in r.idempotency {
             self.idempotency
@@ -728,6 +733,8 @@ impl Core {
             last_seq: 1,
             version: 1,
             output_bytes: 0,
+            demand: spec.demand,
+            pool: None,
         };
         let event = Event {
             job_id: id,
@@ -1282,6 +1289,8 @@ impl Core {
             return Err("NOT_RUNNING");
         }
         match kind {
+            // Reconciled by the scheduler (pool rate limits); nothing of the job changes.
+            ReportKind::Usage(_usage) => Ok(()),
             ReportKind::Ack => {
                 if job.state == JobState::Running {
                     return Ok(());
@@ -1595,6 +1604,61 @@ impl Core {
         }
     }
 
+    /// Creates or replaces a pool.
+    pub fn configure_pool(
+        &mut self,
+        key: PoolKey,
+        config: PoolConfig,
+        now: Timestamp,
+        out: &mut Outbox,
+    ) -> PoolInfo {
+        out.writes.push(Write::PutPool {
+            key: key.clone(),
+            config: config.clone(),
+        });
+        self.pools.insert(key.clone(), config);
+        self.settle(now, out);
+        self.pool_info(&key).expect("pool just configured")
+    }
+
+    /// A pool with live figures.
+    pub fn pool_info(&self, key: &PoolKey) -> Option<PoolInfo> {
+        let config = self.pools.get(key)?;
+        Some(PoolInfo {
+            key: key.clone(),
+            config: config.clone(),
+            in_use: BTreeMap::new(),
+            tokens: Vec::new(),
+            running: 0,
+            waiting: 0,
+            cooldown_until: None,
+            epoch: 0,
+        })
+    }
+
+    /// Pools of a namespace, by name.
+    pub fn list_pools(&self, namespace: &Name) -> Vec<PoolInfo> {
+        let mut keys: Vec<&PoolKey> = self
+            .pools
+            .keys()
+            .filter(|k| &k.namespace == namespace)
+            .collect();
+        keys.sort();
+        keys.into_iter().filter_map(|k| self.pool_info(k)).collect()
+    }
+
+    /// Deletes a pool nobody uses.
+    pub fn delete_pool(&mut self, key: &PoolKey, out: &mut Outbox) -> Result<(), EngineError> {
+        if self.pools.remove(key).is_none() {
+            return Err(EngineError::NotFound {
+                reason: "POOL_NOT_FOUND",
+                what: format!("pool {key}"),
+            });
+        }
+        out.writes.push(Write::DeletePool { key: key.clone() });
+        Ok(())
+    }
+
     /// Every queue of a namespace that is configured or has had jobs since start.
     pub fn list_queues(&self, namespace: &Name) -> Vec<QueueInfo> {
         let mut keys: Vec<&QueueKey> = self
@@ -1619,6 +1683,8 @@ impl Core {
             draining: w.draining,
             connected: w.tx.is_some(),
             labels: w.labels.clone(),
+            resources: Resources::default(),
+            resources_in_use: Resources::default(),
             lease_expires_at: Timestamp::now().plus(left),
         })
     }

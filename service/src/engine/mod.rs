@@ -136,6 +136,8 @@ pub struct WorkerHello {
     pub concurrency: u32,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// CPU and memory it offers to jobs that declare theirs (zero: jobs that declare none).
+    pub resources: Resources,
     /// Name.
     pub name: String,
     /// Attempts still running from an earlier session.
@@ -183,6 +185,9 @@ pub enum ReportKind {
         /// Bytes.
         data: Bytes,
     },
+    /// What the attempt really used of its pool's units (e.g. tokens), for the pool's rate
+    /// limits to be reconciled; sent before the outcome.
+    Usage(BTreeMap<Unit, u64>),
     /// The attempt ended.
     Outcome(Outcome),
 }
@@ -259,8 +264,34 @@ pub struct WorkerInfo {
     pub connected: bool,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// CPU and memory it offers.
+    pub resources: Resources,
+    /// CPU and memory held by its running attempts.
+    pub resources_in_use: Resources,
     /// Lease end.
     pub lease_expires_at: Timestamp,
+}
+
+/// A capacity pool with live figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolInfo {
+    /// Pool.
+    pub key: PoolKey,
+    /// Settings.
+    pub config: PoolConfig,
+    /// Units held by running attempts, per unit (every unit of `max_units`, and any other
+    /// unit held).
+    pub in_use: BTreeMap<Unit, u64>,
+    /// Tokens in each rate limit's bucket now, in the order of `config.rates`.
+    pub tokens: Vec<f64>,
+    /// Attempts holding units of it.
+    pub running: u64,
+    /// Queued jobs waiting for it (it is among the pools they have reached).
+    pub waiting: u64,
+    /// Nothing is dispatched on it until then, after an upstream rate limit.
+    pub cooldown_until: Option<Timestamp>,
+    /// Cooldown epoch: one more for every cooldown that starts after the previous one ended.
+    pub epoch: u64,
 }
 
 /// Whether a multi-job wait needs all jobs or any.
@@ -764,6 +795,45 @@ impl Engine {
     /// Queues of a namespace.
     pub fn list_queues(&self, namespace: &Name) -> Vec<QueueInfo> {
         self.lock().list_queues(namespace)
+    }
+
+    /// Creates a capacity pool or replaces its settings. Jobs waiting for it are re-examined
+    /// at once (a larger limit dispatches them).
+    pub async fn configure_pool(
+        &self,
+        key: PoolKey,
+        config: PoolConfig,
+    ) -> Result<PoolInfo, EngineError> {
+        self.check_open()?;
+        let (info, rx) =
+            self.with_core(|core, now, out| core.configure_pool(key, config, now, out));
+        Self::committed(rx).await?;
+        Ok(info)
+    }
+
+    /// A pool with its live figures; `NotFound` (`POOL_NOT_FOUND`) if there is none.
+    pub fn get_pool(&self, key: &PoolKey) -> Result<PoolInfo, EngineError> {
+        self.lock()
+            .pool_info(key)
+            .ok_or_else(|| EngineError::NotFound {
+                reason: "POOL_NOT_FOUND",
+                what: format!("pool {key}"),
+            })
+    }
+
+    /// Pools of a namespace, by name.
+    pub fn list_pools(&self, namespace: &Name) -> Vec<PoolInfo> {
+        self.lock().list_pools(namespace)
+    }
+
+    /// Deletes a pool: `NotFound` if there is none, `FailedPrecondition` (`POOL_IN_USE`) while
+    /// attempts hold its units or queued jobs ask for it.
+    pub async fn delete_pool(&self, key: PoolKey) -> Result<(), EngineError> {
+        self.check_open()?;
+        let (res, rx) = self.with_core(|core, _now, out| core.delete_pool(&key, out));
+        res?;
+        Self::committed(rx).await?;
+        Ok(())
     }
 
     /// Workers of a namespace.

@@ -113,6 +113,19 @@ impl fmt::Display for Name {
     }
 }
 
+impl Serialize for Name {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Name::parse(&s).map_err(|e| serde::de::Error::custom(format!("name {s:?} {e}")))
+    }
+}
+
 /// A queue is identified by its namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct QueueKey {
@@ -179,6 +192,157 @@ pub struct QueueConfig {
     pub default_max_wait: Option<Duration>,
 }
 
+/// A capacity pool is identified by its namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PoolKey {
+    /// Namespace.
+    pub namespace: Name,
+    /// Pool name.
+    pub name: Name,
+}
+
+impl fmt::Display for PoolKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Name of a unit a pool counts (`requests`, `tokens`…): 1-64 characters of `[a-z0-9_.-]`.
+pub type Unit = String;
+
+/// Checks a unit name; the error says what is wrong (the caller names the field).
+pub fn validate_unit(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 64 {
+        return Err("must be 1-64 characters".into());
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!("contains {c:?}; allowed are a-z 0-9 _ . -"));
+    }
+    Ok(())
+}
+
+/// The unit a pool request takes when it names none: one `requests`.
+pub const DEFAULT_UNIT: &str = "requests";
+
+/// A token bucket over one unit: `amount` tokens per `per`, holding at most `burst`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimit {
+    /// The unit it limits.
+    pub unit: Unit,
+    /// Tokens added per `per` (at least 1).
+    pub amount: u64,
+    /// The refill interval (at least 1 ms).
+    #[serde(with = "duration_us")]
+    pub per: Duration,
+    /// Most tokens the bucket holds (at least 1); a new bucket starts full.
+    pub burst: u64,
+}
+
+/// Settings of a capacity pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolConfig {
+    /// Most units held at once, per unit, by running attempts.
+    #[serde(default)]
+    pub max_units: BTreeMap<Unit, u64>,
+    /// Token buckets; tokens are taken at dispatch.
+    #[serde(default)]
+    pub rates: Vec<RateLimit>,
+}
+
+/// One entry of a job's capacity request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolRequest {
+    /// The pool (in the job's namespace).
+    pub pool: Name,
+    /// Units taken from it (at least one entry; `requests=1` when the submitter named none).
+    pub units: BTreeMap<Unit, u64>,
+    /// How long the job waits for this pool before the next one is also tried; `None` waits
+    /// without bound (later pools are never reached); zero tries it once, at once.
+    #[serde(default, with = "opt_duration_us")]
+    pub max_wait: Option<Duration>,
+}
+
+/// Worker resources: what a worker offers, or what an attempt holds while it runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// CPU in thousandths of a core.
+    pub cpu_millis: u64,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+}
+
+impl Resources {
+    /// Whether nothing is asked for.
+    pub fn is_zero(&self) -> bool {
+        self.cpu_millis == 0 && self.memory_bytes == 0
+    }
+
+    /// Whether `need` fits in `self`.
+    pub fn fits(&self, need: &Resources) -> bool {
+        need.cpu_millis <= self.cpu_millis && need.memory_bytes <= self.memory_bytes
+    }
+}
+
+/// What a job needs to be dispatched, beyond a queue slot and a worker slot. Fixed at submit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Demand {
+    /// Capacity request: pools in fallback order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolRequest>,
+    /// Worker resources held while an attempt runs.
+    #[serde(default, skip_serializing_if = "Resources::is_zero")]
+    pub resources: Resources,
+    /// Labels the worker must carry, each with this value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
+}
+
+impl Demand {
+    /// Whether it asks for nothing beyond a slot.
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty() && self.resources.is_zero() && self.selector.is_empty()
+    }
+
+    /// Whether a worker with these labels satisfies the selector.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.selector
+            .iter()
+            .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
+    }
+}
+
+mod duration_us {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_micros().min(u64::MAX as u128) as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_micros(u64::deserialize(d)?))
+    }
+}
+
+mod opt_duration_us {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_micros().min(u64::MAX as u128) as u64)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_micros))
+    }
+}
+
 /// A validated job submission.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobSpec {
@@ -202,6 +366,8 @@ pub struct JobSpec {
     pub retry_policy: Option<RetryPolicy>,
     /// Not before.
     pub scheduled_at: Option<Timestamp>,
+    /// Pools, resources and worker selector.
+    pub demand: Arc<Demand>,
 }
 
 impl JobSpec {
@@ -227,6 +393,10 @@ impl JobSpec {
             "{:?}|{:?}|{:?}|{:?}",
             self.run_timeout, self.max_wait, self.retry_policy, self.scheduled_at
         ));
+        if !self.demand.is_empty() {
+            // Only when set, so that digests of jobs without a demand stay what they were.
+            h.update(format!("|{:?}", self.demand));
+        }
         let out = h.finalize();
         out.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -309,6 +479,10 @@ pub struct Job {
     /// Output bytes recorded so far, for the per-job bound; one more than the bound once output
     /// was truncated (the marker is recorded).
     pub output_bytes: u64,
+    /// Pools, resources and worker selector, as submitted.
+    pub demand: Arc<Demand>,
+    /// The pool the current or last attempt took its capacity from.
+    pub pool: Option<Name>,
 }
 
 /// What an event says.

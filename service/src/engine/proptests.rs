@@ -129,7 +129,9 @@ impl Ledger {
                 }
                 Write::PutIdempotency(_)
                 | Write::DeleteIdempotency { .. }
-                | Write::PutQueue { .. } => {}
+                | Write::PutQueue { .. }
+                | Write::PutPool { .. }
+                | Write::DeletePool { .. } => {}
             }
         }
         out.effects.clear();
@@ -151,6 +153,7 @@ fn hello(i: usize, running: Vec<(JobId, u32)>) -> WorkerHello {
         queues: vec![Name::parse("q").unwrap()],
         concurrency: 2,
         labels: Default::default(),
+        resources: Default::default(),
         name: String::new(),
         running,
     }
@@ -188,6 +191,7 @@ impl World {
                     multiplier: 2.0,
                 }),
                 scheduled_at: None,
+                demand: Default::default(),
             })
             .collect();
         let ids = core

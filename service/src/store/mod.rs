@@ -10,7 +10,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::engine::model::{
-    Event, IdempotencyRecord, Job, JobFilter, JobId, Name, QueueConfig, QueueKey, Timestamp,
+    Event, IdempotencyRecord, Job, JobFilter, JobId, Name, PoolConfig, PoolKey, QueueConfig,
+    QueueKey, Timestamp,
 };
 
 pub mod sqlite;
@@ -74,6 +75,18 @@ pub enum Write {
         /// Its settings.
         config: QueueConfig,
     },
+    /// Create or replace a capacity pool's settings.
+    PutPool {
+        /// The pool.
+        key: PoolKey,
+        /// Its settings.
+        config: PoolConfig,
+    },
+    /// Remove a capacity pool.
+    DeletePool {
+        /// The pool.
+        key: PoolKey,
+    },
 }
 
 /// What the engine loads on start.
@@ -83,6 +96,8 @@ pub struct Recovered {
     pub active_jobs: Vec<Job>,
     /// Every configured queue.
     pub queues: Vec<(QueueKey, QueueConfig)>,
+    /// Every capacity pool.
+    pub pools: Vec<(PoolKey, PoolConfig)>,
     /// Every idempotency key not yet expired.
     pub idempotency: Vec<IdempotencyRecord>,
 }

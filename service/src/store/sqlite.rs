@@ -22,7 +22,7 @@ use uuid::Uuid;
 use super::{Recovered, Store, StoreError, Write};
 use crate::engine::model::{
     Event, EventKind, IdempotencyRecord, Job, JobError, JobFilter, JobId, JobState, Name,
-    QueueConfig, QueueKey, Timestamp, WorkerId,
+    PoolConfig, PoolKey, QueueConfig, QueueKey, Timestamp, WorkerId,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/sqlite");
@@ -35,7 +35,7 @@ const ROWS_PER_STATEMENT: usize = 1024;
 const JOB_COLUMNS: &str = "id, namespace, queue, payload, labels, priority, idempotency_key, \
     state, attempt, retries_used, retry_policy, run_timeout_us, max_wait_us, result, \
     error_reason, error_message, waiting_for, progress, worker_id, cancel_requested, created_at, \
-    scheduled_at, started_at, finished_at, updated_at, last_seq, version, output_bytes";
+    scheduled_at, started_at, finished_at, updated_at, last_seq, version, output_bytes, demand, pool";
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -110,6 +110,14 @@ fn us(d: Option<Duration>) -> Option<i64> {
 
 fn labels_json(job: &Job) -> String {
     serde_json::to_string(&*job.labels).unwrap_or_else(|_| "{}".into())
+}
+
+fn demand_json(job: &Job) -> String {
+    if job.demand.is_empty() {
+        "{}".into()
+    } else {
+        serde_json::to_string(&*job.demand).unwrap_or_else(|_| "{}".into())
+    }
 }
 
 fn policy_json(job: &Job) -> String {
@@ -203,7 +211,9 @@ impl Store for SqliteStore {
                     .push_bind(job.updated_at.0)
                     .push_bind(job.last_seq as i64)
                     .push_bind(job.version as i64)
-                    .push_bind(job.output_bytes as i64);
+                    .push_bind(job.output_bytes as i64)
+                    .push_bind(demand_json(job))
+                    .push_bind(job.pool.as_ref().map(|p| p.as_str().to_owned()));
             });
             qb.build().execute(&mut *tx).await?;
         }
@@ -218,7 +228,7 @@ impl Store for SqliteStore {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "WITH v(id, expected, state, attempt, retries_used, result, error_reason, \
                  error_message, waiting_for, progress, worker_id, cancel_requested, scheduled_at, \
-                 started_at, finished_at, updated_at, last_seq, version, output_bytes) AS (",
+                 started_at, finished_at, updated_at, last_seq, version, output_bytes, pool) AS (",
             );
             qb.push_values(chunk, |mut b, jw| {
                 let job = &*jw.latest;
@@ -240,7 +250,8 @@ impl Store for SqliteStore {
                     .push_bind(job.updated_at.0)
                     .push_bind(job.last_seq as i64)
                     .push_bind(job.version as i64)
-                    .push_bind(job.output_bytes as i64);
+                    .push_bind(job.output_bytes as i64)
+                    .push_bind(job.pool.as_ref().map(|p| p.as_str().to_owned()));
             });
             qb.push(
                 ") UPDATE jobs SET state = v.state, attempt = v.attempt, \
@@ -250,7 +261,7 @@ impl Store for SqliteStore {
                  cancel_requested = v.cancel_requested, scheduled_at = v.scheduled_at, \
                  started_at = v.started_at, finished_at = v.finished_at, \
                  updated_at = v.updated_at, last_seq = v.last_seq, version = v.version, \
-                 output_bytes = v.output_bytes \
+                 output_bytes = v.output_bytes, pool = v.pool \
                  FROM v WHERE jobs.id = v.id AND jobs.version = v.expected",
             );
             let done = qb.build().execute(&mut *tx).await?;
@@ -311,6 +322,24 @@ impl Store for SqliteStore {
                     .execute(&mut *tx)
                     .await?;
                 }
+                Write::PutPool { key, config } => {
+                    sqlx::query(
+                        "INSERT INTO pools (namespace, name, config) VALUES (?, ?, ?) \
+                         ON CONFLICT (namespace, name) DO UPDATE SET config = excluded.config",
+                    )
+                    .bind(key.namespace.as_str())
+                    .bind(key.name.as_str())
+                    .bind(serde_json::to_string(config).map_err(corrupt)?)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Write::DeletePool { key } => {
+                    sqlx::query("DELETE FROM pools WHERE namespace = ? AND name = ?")
+                        .bind(key.namespace.as_str())
+                        .bind(key.name.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 Write::InsertJob(_) | Write::UpdateJob { .. } | Write::Event(_) => {}
             }
         }
@@ -340,6 +369,20 @@ impl Store for SqliteStore {
                 Ok((key, config))
             })
             .collect::<Result<_, StoreError>>()?;
+        let pools = sqlx::query("SELECT namespace, name, config FROM pools")
+            .fetch_all(&self.readers)
+            .await?
+            .iter()
+            .map(|r| {
+                let key = PoolKey {
+                    namespace: name(r.try_get("namespace")?)?,
+                    name: name(r.try_get("name")?)?,
+                };
+                let config: PoolConfig =
+                    serde_json::from_str(r.try_get("config")?).map_err(corrupt)?;
+                Ok((key, config))
+            })
+            .collect::<Result<_, StoreError>>()?;
         let idempotency = sqlx::query(
             "SELECT namespace, key, job_id, digest, expires_at FROM idempotency_keys \
              WHERE expires_at > ?",
@@ -361,6 +404,7 @@ impl Store for SqliteStore {
         Ok(Recovered {
             active_jobs,
             queues,
+            pools,
             idempotency,
         })
     }
@@ -558,6 +602,8 @@ fn job_from_row(r: &SqliteRow) -> Result<Job, StoreError> {
     let worker_id: Option<String> = r.try_get("worker_id")?;
     let payload: Vec<u8> = r.try_get("payload")?;
     let result: Option<Vec<u8>> = r.try_get("result")?;
+    let demand: String = r.try_get("demand")?;
+    let pool: Option<String> = r.try_get("pool")?;
     Ok(Job {
         id: job_id(r.try_get("id")?)?,
         namespace: name(r.try_get("namespace")?)?,
@@ -589,5 +635,7 @@ fn job_from_row(r: &SqliteRow) -> Result<Job, StoreError> {
         last_seq: r.try_get::<i64, _>("last_seq")? as u64,
         version: r.try_get::<i64, _>("version")? as u64,
         output_bytes: r.try_get::<i64, _>("output_bytes")? as u64,
+        demand: Arc::new(serde_json::from_str(&demand).map_err(corrupt)?),
+        pool: pool.map(name).transpose()?,
     })
 }

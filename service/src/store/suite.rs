@@ -45,6 +45,8 @@ fn job(queue: &str, labels: &[(&str, &str)]) -> Job {
         last_seq: 1,
         version: 1,
         output_bytes: 0,
+        demand: Default::default(),
+        pool: None,
     }
 }
 
@@ -84,6 +86,105 @@ pub async fn round_trip(store: Arc<dyn Store>) {
     assert!(store.get_job(JobId::new()).await.unwrap().is_none());
     let many = store.get_jobs(&[JobId::new(), j.id]).await.unwrap();
     assert_eq!(many, vec![j]);
+}
+
+/// A job's demand (pools, resources, selector) and the pool of its attempt survive the store.
+pub async fn demand_and_pool_round_trip(store: Arc<dyn Store>) {
+    let mut j = job("llm", &[]);
+    j.demand = Arc::new(Demand {
+        pools: vec![
+            PoolRequest {
+                pool: Name::parse("gpt-4o").unwrap(),
+                units: [("requests".to_string(), 1), ("tokens".to_string(), 1200)].into(),
+                max_wait: Some(Duration::from_secs(5)),
+            },
+            PoolRequest {
+                pool: Name::parse("gpt-4o-mini").unwrap(),
+                units: [("requests".to_string(), 1)].into(),
+                max_wait: None,
+            },
+        ],
+        resources: Resources {
+            cpu_millis: 1500,
+            memory_bytes: 512 << 20,
+        },
+        selector: [("gpu".to_string(), "a100".to_string())].into(),
+    });
+    store
+        .apply(&[Write::InsertJob(Arc::new(j.clone()))])
+        .await
+        .unwrap();
+    assert_eq!(store.get_job(j.id).await.unwrap().unwrap(), j);
+    let leased = next(&j, |n| {
+        n.state = JobState::Leased;
+        n.attempt = 1;
+        n.worker_id = Some(WorkerId("w".into()));
+        n.pool = Some(Name::parse("gpt-4o-mini").unwrap());
+    });
+    store
+        .apply(&[Write::UpdateJob {
+            job: Arc::new(leased.clone()),
+            expected_version: j.version,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(store.get_job(j.id).await.unwrap().unwrap(), leased);
+}
+
+/// Pools are stored, replaced, recovered and deleted.
+pub async fn pools_are_kept(store: Arc<dyn Store>) {
+    let key = PoolKey {
+        namespace: Name::default_namespace(),
+        name: Name::parse("gpt-4o").unwrap(),
+    };
+    let other = PoolKey {
+        name: Name::parse("other").unwrap(),
+        ..key.clone()
+    };
+    let config = PoolConfig {
+        max_units: [("requests".to_string(), 2)].into(),
+        rates: vec![RateLimit {
+            unit: "tokens".into(),
+            amount: 90_000,
+            per: Duration::from_secs(60),
+            burst: 90_000,
+        }],
+    };
+    let replaced = PoolConfig {
+        max_units: [("requests".to_string(), 4)].into(),
+        ..config.clone()
+    };
+    store
+        .apply(&[
+            Write::PutPool {
+                key: key.clone(),
+                config: config.clone(),
+            },
+            Write::PutPool {
+                key: other.clone(),
+                config: PoolConfig::default(),
+            },
+            Write::PutPool {
+                key: key.clone(),
+                config: replaced.clone(),
+            },
+        ])
+        .await
+        .unwrap();
+    let mut pools = store.recover().await.unwrap().pools;
+    pools.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        pools,
+        vec![
+            (key.clone(), replaced.clone()),
+            (other.clone(), PoolConfig::default())
+        ]
+    );
+    store
+        .apply(&[Write::DeletePool { key: other }])
+        .await
+        .unwrap();
+    assert_eq!(store.recover().await.unwrap().pools, vec![(key, replaced)]);
 }
 
 pub async fn guarded_update(store: Arc<dyn Store>) {
@@ -399,6 +500,8 @@ mod sqlite {
 
     backend_tests!(
         round_trip,
+        demand_and_pool_round_trip,
+        pools_are_kept,
         guarded_update,
         batch_is_atomic,
         insert_and_updates_in_one_batch,
