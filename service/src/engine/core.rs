@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::commit::{Effect, Outbox};
 use super::model::*;
+use super::scheduler::{Decision, DeletePoolError, Scheduler, WorkerSpec};
 use super::state::{transition, InvalidTransition, Trigger};
 use super::timers::{Timer, TimerKey, Timers};
 use super::{
@@ -24,36 +25,22 @@ use super::{
 };
 use crate::store::{Recovered, Write};
 
-/// Position of a ready job in its queue: higher priority first, then first in, first out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct ReadyKey {
-    neg_priority: i64,
-    seq: u64,
-    id: JobId,
-}
-
 /// An active (non-terminal) job.
 struct Active {
     job: Arc<Job>,
-    ready: Option<ReadyKey>,
     state_timer: Option<TimerKey>,
     wait_timer: Option<TimerKey>,
     cancel_timer: Option<TimerKey>,
 }
 
+/// What the engine keeps of a queue; dispatch state lives in the scheduler.
 #[derive(Default)]
 struct QueueState {
     config: QueueConfig,
-    ready: BTreeSet<ReadyKey>,
-    /// Jobs in QUEUED, ready or not.
-    queued: u64,
+    /// Jobs in QUEUED, ready or not, by submit time.
+    queued: BTreeSet<(Timestamp, JobId)>,
     /// Jobs LEASED or RUNNING.
     active: u32,
-    /// Attempts the service ended that a worker may still be running (see
-    /// `WorkerState::zombies`): they keep their slot until the worker is done with them.
-    zombies: u32,
-    workers: Vec<WorkerId>,
-    rr: usize,
 }
 
 struct WorkerState {
@@ -63,6 +50,7 @@ struct WorkerState {
     queues: Vec<QueueKey>,
     concurrency: u32,
     labels: BTreeMap<String, String>,
+    resources: Resources,
     inflight: HashSet<JobId>,
     /// Attempts the service ended without the worker (run timeout, forced cancel) that the
     /// worker may still be running: they keep using a slot until the worker reports on them or
@@ -86,6 +74,7 @@ impl WorkerState {
             queues: Vec::new(),
             concurrency: 0,
             labels: BTreeMap::new(),
+            resources: Resources::default(),
             inflight: HashSet::new(),
             zombies: HashMap::new(),
             tx: None,
@@ -94,12 +83,6 @@ impl WorkerState {
             lease_timer: None,
             draining: false,
         }
-    }
-
-    fn has_credit(&self) -> bool {
-        self.tx.is_some()
-            && !self.draining
-            && ((self.inflight.len() + self.zombies.len()) as u32) < self.concurrency
     }
 }
 
@@ -115,14 +98,14 @@ pub(crate) struct Core {
     pub config: EngineConfig,
     jobs: HashMap<JobId, Active>,
     queues: HashMap<QueueKey, QueueState>,
-    pools: HashMap<PoolKey, PoolConfig>,
+    sched: Scheduler,
+    /// The timer armed for the scheduler's next wake-up.
+    sched_timer: Option<TimerKey>,
     workers: HashMap<WorkerId, WorkerState>,
     idempotency: HashMap<(Name, String), IdempotencyRecord>,
     pub timers: Timers,
     /// Set when a timer earlier than all others was added: the timer task must re-arm.
     pub timer_rearm: bool,
-    dirty: Vec<QueueKey>,
-    ready_seq: u64,
     session_seq: u64,
 }
 
@@ -147,13 +130,12 @@ impl Core {
             config,
             jobs: HashMap::new(),
             queues: HashMap::new(),
-            pools: HashMap::new(),
+            sched: Scheduler::default(),
+            sched_timer: None,
             workers: HashMap::new(),
             idempotency: HashMap::new(),
             timers: Timers::default(),
             timer_rearm: false,
-            dirty: Vec::new(),
-            ready_seq: 0,
             session_seq: 0,
         }
     }
@@ -179,10 +161,12 @@ impl Core {
     /// one worker lease to be claimed by their worker reconnecting; after that they are lost.
     pub fn recover(&mut self, r: Recovered, now: Timestamp) {
         for (key, config) in r.queues {
+            self.sched
+                .set_queue(&key, config.max_concurrency, config.paused);
             self.queues.entry(key).or_default().config = config;
         }
         for (key, config) in r.pools {
-            self.pools.insert(key, config);
+            self.sched.set_pool(&key, config, Instant::now());
         }
         for rec in r.idempotency {
             self.idempotency
@@ -194,7 +178,9 @@ impl Core {
             let qk = Self::queue_key(&job);
             let q = self.queues.entry(qk.clone()).or_default();
             match job.state {
-                JobState::Queued => q.queued += 1,
+                JobState::Queued => {
+                    q.queued.insert((job.created_at, id));
+                }
                 JobState::Leased | JobState::Running => q.active += 1,
                 _ => {}
             }
@@ -208,7 +194,6 @@ impl Core {
                 id,
                 Active {
                     job: Arc::new(job),
-                    ready: None,
                     state_timer: None,
                     wait_timer: None,
                     cancel_timer: None,
@@ -236,6 +221,9 @@ impl Core {
                     });
                     w.inflight.insert(id);
                     w.concurrency = w.inflight.len() as u32;
+                    let job = self.jobs[&id].job.clone();
+                    self.sched
+                        .restore(id, job.attempt, &qk, &wid, job.pool.as_ref(), &job.demand);
                     self.rearm_recovered(id, now);
                 }
                 _ => {}
@@ -352,15 +340,12 @@ impl Core {
         let qk = Self::queue_key(&job);
         let holds = |s: JobState| matches!(s, JobState::Leased | JobState::Running);
         if from == JobState::Queued && to != JobState::Queued {
-            let ready = active.ready.take();
             if let Some(k) = active.wait_timer.take() {
                 self.timers.remove(k);
             }
+            self.sched.dequeue(id);
             let q = self.queues.entry(qk.clone()).or_default();
-            q.queued = q.queued.saturating_sub(1);
-            if let Some(r) = ready {
-                q.ready.remove(&r);
-            }
+            q.queued.remove(&(job.created_at, id));
         }
         let active = self.jobs.get_mut(&id).expect("active");
         if from != to {
@@ -375,16 +360,30 @@ impl Core {
             }
             let q = self.queues.entry(qk.clone()).or_default();
             q.active = q.active.saturating_sub(1);
-            self.mark_dirty(&qk);
             if let Some(wid) = prev_worker {
-                self.worker_done(&wid, id);
+                // An attempt the worker may still run (a zombie) keeps its capacity until the
+                // worker is done with it.
+                let zombie = self
+                    .workers
+                    .get(&wid)
+                    .is_some_and(|w| w.zombies.contains_key(&(id, job.attempt)));
+                if !zombie {
+                    self.sched.release(id, job.attempt);
+                }
+                if let Some(w) = self.workers.get_mut(&wid) {
+                    w.inflight.remove(&id);
+                }
             }
         }
         if !holds(from) && holds(to) {
             self.queues.entry(qk.clone()).or_default().active += 1;
         }
         if to == JobState::Queued && from != JobState::Queued {
-            self.queues.entry(qk).or_default().queued += 1;
+            self.queues
+                .entry(qk)
+                .or_default()
+                .queued
+                .insert((job.created_at, id));
         }
         if to.is_terminal() {
             let active = self.jobs.remove(&id).expect("active");
@@ -438,103 +437,107 @@ impl Core {
         job
     }
 
-    fn worker_done(&mut self, wid: &WorkerId, id: JobId) {
-        if let Some(w) = self.workers.get_mut(wid) {
-            w.inflight.remove(&id);
-            let queues = w.queues.clone();
-            for q in &queues {
-                self.mark_dirty(q);
-            }
-        }
-    }
-
-    fn mark_dirty(&mut self, qk: &QueueKey) {
-        if !self.dirty.contains(qk) {
-            self.dirty.push(qk.clone());
-        }
-    }
-
+    /// The job is ready to run: the scheduler takes it.
     fn make_ready(&mut self, id: JobId) {
-        self.ready_seq += 1;
-        let seq = self.ready_seq;
-        let active = self.jobs.get_mut(&id).expect("active");
-        let key = ReadyKey {
-            neg_priority: -(active.job.priority as i64),
-            seq,
+        let job = self.jobs.get(&id).expect("active").job.clone();
+        self.sched.enqueue(
             id,
-        };
-        active.ready = Some(key);
-        let qk = Self::queue_key(&active.job);
-        self.queues.entry(qk.clone()).or_default().ready.insert(key);
-        self.mark_dirty(&qk);
+            &Self::queue_key(&job),
+            job.priority,
+            job.attempt + 1,
+            job.demand.clone(),
+            Instant::now(),
+        );
     }
 
-    /// Dispatches every queue something happened to.
+    /// Carries out everything the scheduler can decide now, then arms its next wake-up.
     pub fn settle(&mut self, now: Timestamp, out: &mut Outbox) {
-        while let Some(qk) = self.dirty.pop() {
-            self.dispatch_queue(&qk, now, out);
-        }
-    }
-
-    fn pick_worker(&mut self, qk: &QueueKey) -> Option<WorkerId> {
-        let q = self.queues.get(qk)?;
-        let n = q.workers.len();
-        for i in 0..n {
-            let idx = (q.rr + i) % n;
-            let wid = &q.workers[idx];
-            if self.workers.get(wid).is_some_and(|w| w.has_credit()) {
-                let wid = wid.clone();
-                self.queues.get_mut(qk).expect("queue").rr = (idx + 1) % n;
-                return Some(wid);
-            }
-        }
-        None
-    }
-
-    fn dispatch_queue(&mut self, qk: &QueueKey, now: Timestamp, out: &mut Outbox) {
         loop {
-            let Some(q) = self.queues.get(qk) else { return };
-            if q.config.paused {
-                return;
+            let decisions = self.sched.decide(Instant::now());
+            if decisions.is_empty() {
+                break;
             }
-            if q.config.max_concurrency > 0 && q.active + q.zombies >= q.config.max_concurrency {
-                return;
-            }
-            let Some(&head) = q.ready.first() else { return };
-            let Some(wid) = self.pick_worker(qk) else {
-                return;
-            };
-            let worker = self.workers.get_mut(&wid).expect("worker");
-            worker.inflight.insert(head.id);
-            let tx = worker.tx.clone().expect("worker with credit is connected");
-            let job = match self.apply(head.id, Trigger::Dispatch, now, out, |j| {
-                j.attempt += 1;
-                j.worker_id = Some(wid.clone());
-                j.waiting_for.clear();
-                j.started_at = None;
-                j.progress = 0.0;
-            }) {
-                Ok(job) => job,
-                Err(_) => {
-                    // Unreachable by construction (only QUEUED jobs are ready); keep the books
-                    // straight anyway.
-                    if let Some(w) = self.workers.get_mut(&wid) {
-                        w.inflight.remove(&head.id);
+            for d in decisions {
+                match d {
+                    Decision::Dispatch {
+                        job,
+                        attempt,
+                        worker,
+                        pool,
+                    } => self.dispatch(job, attempt, worker, pool, now, out),
+                    Decision::Expire { job, tried } => {
+                        let names: Vec<&str> = tried.iter().map(|n| n.as_str()).collect();
+                        let _ = self.apply(job, Trigger::Expire, now, out, |j| {
+                            j.error = Some(JobError::new(
+                                "MAX_WAIT_EXCEEDED",
+                                format!(
+                                    "no capacity within the max wait of its pools (tried {})",
+                                    names.join(", ")
+                                ),
+                            ));
+                        });
                     }
-                    if let Some(q) = self.queues.get_mut(qk) {
-                        q.ready.remove(&head);
-                    }
-                    continue;
                 }
-            };
-            let at = Instant::now() + self.config.ack_timeout;
-            let k = self.timer(at, Timer::AckTimeout(job.id, job.attempt));
-            self.active_mut(job.id).state_timer = Some(k);
-            out.effects.push(Effect::ToWorker {
-                tx,
-                msg: ToWorker::Assign(job),
-            });
+            }
         }
+        let want = self.sched.next_wakeup();
+        if self.sched_timer.map(|k| k.at()) != want {
+            if let Some(k) = self.sched_timer.take() {
+                self.timers.remove(k);
+            }
+            if let Some(at) = want {
+                self.sched_timer = Some(self.timer(at, Timer::Schedule));
+            }
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        id: JobId,
+        attempt: u32,
+        wid: WorkerId,
+        pool: Option<Name>,
+        now: Timestamp,
+        out: &mut Outbox,
+    ) {
+        let tx = self.workers.get(&wid).and_then(|w| w.tx.clone());
+        let current = self.jobs.get(&id).map(|a| (a.job.state, a.job.attempt));
+        let (Some(tx), Some((JobState::Queued, before))) = (tx, current) else {
+            // Unreachable by construction (the scheduler only dispatches waiting jobs to open
+            // workers); keep the books straight anyway.
+            self.sched.release(id, attempt);
+            return;
+        };
+        debug_assert_eq!(before + 1, attempt);
+        self.workers
+            .get_mut(&wid)
+            .expect("worker")
+            .inflight
+            .insert(id);
+        let job = match self.apply(id, Trigger::Dispatch, now, out, |j| {
+            j.attempt = attempt;
+            j.worker_id = Some(wid.clone());
+            j.pool = pool;
+            j.waiting_for.clear();
+            j.started_at = None;
+            j.progress = 0.0;
+        }) {
+            Ok(job) => job,
+            Err(_) => {
+                if let Some(w) = self.workers.get_mut(&wid) {
+                    w.inflight.remove(&id);
+                }
+                self.sched.release(id, attempt);
+                return;
+            }
+        };
+        let at = Instant::now() + self.config.ack_timeout;
+        let k = self.timer(at, Timer::AckTimeout(job.id, job.attempt));
+        self.active_mut(job.id).state_timer = Some(k);
+        out.effects.push(Effect::ToWorker {
+            tx,
+            msg: ToWorker::Assign(job),
+        });
     }
 
     /// Why a queued job is not running (computed live; the stored value is only a hint).
@@ -549,30 +552,9 @@ impl Core {
                 format!("scheduled(at={})", rfc3339(job.scheduled_at))
             };
         }
-        let qk = Self::queue_key(job);
-        let Some(q) = self.queues.get(&qk) else {
-            return format!("worker(queue={})", job.queue);
-        };
-        if q.config.paused {
-            return format!("queue_paused(queue={})", job.queue);
-        }
-        if q.config.max_concurrency > 0 && q.active + q.zombies >= q.config.max_concurrency {
-            return format!(
-                "queue_slot(queue={}, limit={})",
-                job.queue, q.config.max_concurrency
-            );
-        }
-        let connected = q
-            .workers
-            .iter()
-            .filter_map(|w| self.workers.get(w))
-            .filter(|w| w.tx.is_some() && !w.draining)
-            .count();
-        if connected == 0 {
-            format!("worker(queue={})", job.queue)
-        } else {
-            format!("worker_slot(queue={}, workers={connected})", job.queue)
-        }
+        self.sched
+            .explain(job.id, Instant::now())
+            .unwrap_or_else(|| format!("worker(queue={})", job.queue))
     }
 
     /// The in-memory view of an active job, if it is active.
@@ -594,7 +576,14 @@ impl Core {
         let mut digests = Vec::with_capacity(specs.len());
         let mut new_per_queue: HashMap<QueueKey, u64> = HashMap::new();
         let mut keys_in_batch: HashMap<(Name, String), (String, usize)> = HashMap::new();
+        let single = specs.len() == 1;
         for (i, spec) in specs.iter().enumerate() {
+            let field = if single {
+                "spec".to_string()
+            } else {
+                format!("specs[{i}]")
+            };
+            self.check_demand(spec, &field)?;
             let digest = spec.idempotency_key.as_ref().map(|_| spec.digest());
             let mut existing = None;
             if let (Some(key), Some(d)) = (&spec.idempotency_key, &digest) {
@@ -641,12 +630,13 @@ impl Core {
         }
         for (qk, n) in &new_per_queue {
             if let Some(q) = self.queues.get(qk) {
-                if q.config.max_depth > 0 && q.queued + n > q.config.max_depth {
+                let queued = q.queued.len() as u64;
+                if q.config.max_depth > 0 && queued + n > q.config.max_depth {
                     return Err(EngineError::ResourceExhausted {
                         reason: "QUEUE_FULL",
                         message: format!(
-                            "queue {} is full ({} queued, max depth {})",
-                            qk.name, q.queued, q.config.max_depth
+                            "queue {} is full ({queued} queued, max depth {})",
+                            qk.name, q.config.max_depth
                         ),
                         retry_after: Duration::from_secs(1),
                     });
@@ -682,6 +672,52 @@ impl Core {
                 other => other,
             })
             .collect())
+    }
+
+    /// Every pool a spec asks for exists, and each request fits its pool's limits (a request
+    /// larger than a limit could never be served).
+    fn check_demand(&self, spec: &JobSpec, field: &str) -> Result<(), EngineError> {
+        for (j, req) in spec.demand.pools.iter().enumerate() {
+            let key = PoolKey {
+                namespace: spec.namespace.clone(),
+                name: req.pool.clone(),
+            };
+            let Some(config) = self.sched.pool_config(&key) else {
+                return Err(EngineError::InvalidArgument {
+                    field: format!("{field}.pools[{j}].pool"),
+                    message: format!(
+                        "no pool named {} in namespace {} (create it first)",
+                        req.pool, spec.namespace
+                    ),
+                });
+            };
+            for (unit, n) in &req.units {
+                if let Some(max) = config.max_units.get(unit).filter(|m| n > *m) {
+                    return Err(EngineError::InvalidArgument {
+                        field: format!("{field}.pools[{j}].units[{unit:?}]"),
+                        message: format!(
+                            "asks for {n} {unit}, more than pool {} ever allows at once ({max})",
+                            req.pool
+                        ),
+                    });
+                }
+                if let Some(r) = config
+                    .rates
+                    .iter()
+                    .find(|r| &r.unit == unit && *n > r.burst)
+                {
+                    return Err(EngineError::InvalidArgument {
+                        field: format!("{field}.pools[{j}].units[{unit:?}]"),
+                        message: format!(
+                            "asks for {n} {unit}, more than pool {}'s rate limit ever holds \
+                             (burst {})",
+                            req.pool, r.burst
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     fn create(
@@ -768,12 +804,15 @@ impl Core {
             job: Some(job.clone()),
             events: vec![Arc::new(event)],
         });
-        self.queues.entry(qk).or_default().queued += 1;
+        self.queues
+            .entry(qk)
+            .or_default()
+            .queued
+            .insert((job.created_at, id));
         self.jobs.insert(
             id,
             Active {
                 job: job.clone(),
-                ready: None,
                 state_timer: None,
                 wait_timer: None,
                 cancel_timer: None,
@@ -872,12 +911,7 @@ impl Core {
     fn add_zombie(&mut self, job: &Job) {
         let qk = Self::queue_key(job);
         if let Some(w) = job.worker_id.as_ref().and_then(|w| self.workers.get_mut(w)) {
-            if w.zombies
-                .insert((job.id, job.attempt), qk.clone())
-                .is_none()
-            {
-                self.queues.entry(qk).or_default().zombies += 1;
-            }
+            w.zombies.insert((job.id, job.attempt), qk);
         }
     }
 
@@ -886,16 +920,8 @@ impl Core {
         let Some(w) = self.workers.get_mut(wid) else {
             return;
         };
-        let Some(qk) = w.zombies.remove(&key) else {
-            return;
-        };
-        let queues = w.queues.clone();
-        if let Some(q) = self.queues.get_mut(&qk) {
-            q.zombies = q.zombies.saturating_sub(1);
-        }
-        self.mark_dirty(&qk);
-        for q in &queues {
-            self.mark_dirty(q);
+        if w.zombies.remove(&key).is_some() {
+            self.sched.release(key.0, key.1);
         }
     }
 
@@ -1035,12 +1061,6 @@ impl Core {
                     _ => lost.push(*id),
                 }
             }
-            let old_queues = std::mem::take(&mut old.queues);
-            for q in old_queues {
-                if let Some(qs) = self.queues.get_mut(&q) {
-                    qs.workers.retain(|w| w != &hello.worker_id);
-                }
-            }
         }
         // The worker stops whatever the welcome does not list as kept, and zombies never are.
         self.clear_all_zombies(&hello.worker_id);
@@ -1059,6 +1079,7 @@ impl Core {
         w.queues = queues.clone();
         w.concurrency = hello.concurrency;
         w.labels = hello.labels.clone();
+        w.resources = hello.resources;
         w.session = session;
         w.lease_expires = lease_expires;
         let draining = w.draining;
@@ -1095,12 +1116,17 @@ impl Core {
         }
         let w = self.workers.get_mut(&hello.worker_id).expect("worker");
         w.tx = Some(tx);
-        for q in &queues {
-            let qs = self.queues.entry(q.clone()).or_default();
-            if !qs.workers.contains(&hello.worker_id) {
-                qs.workers.push(hello.worker_id.clone());
-            }
-            self.mark_dirty(q);
+        self.sched.set_worker(
+            &hello.worker_id,
+            WorkerSpec {
+                queues: queues.clone(),
+                slots: hello.concurrency,
+                resources: hello.resources,
+                labels: hello.labels.clone(),
+            },
+        );
+        if draining {
+            self.sched.set_worker_open(&hello.worker_id, false);
         }
         if let Some(k) = old_lease_timer {
             self.timers.remove(k);
@@ -1191,6 +1217,8 @@ impl Core {
         w.tx = None;
         if w.inflight.is_empty() {
             self.remove_worker(&s.worker_id);
+        } else {
+            self.sched.set_worker_open(&s.worker_id, false);
         }
         self.settle(now, out);
     }
@@ -1201,12 +1229,7 @@ impl Core {
         if let Some(k) = w.lease_timer {
             self.timers.remove(k);
         }
-        for q in &w.queues {
-            if let Some(qs) = self.queues.get_mut(q) {
-                qs.workers.retain(|x| x != wid);
-                qs.rr = 0;
-            }
-        }
+        self.sched.remove_worker(wid);
         Some(w)
     }
 
@@ -1222,6 +1245,8 @@ impl Core {
             return None;
         }
         w.draining = true;
+        self.sched.set_worker_open(wid, false);
+        let w = self.workers.get(wid).expect("worker");
         if let Some(tx) = &w.tx {
             out.effects.push(Effect::ToWorker {
                 tx: tx.clone(),
@@ -1278,6 +1303,14 @@ impl Core {
         let Some(job) = self.active_job(id) else {
             return Err("UNKNOWN_JOB");
         };
+        // Usage settles the pool's buckets for any attempt that still holds capacity on this
+        // worker, a zombie's too: the upstream tokens were spent either way.
+        if let ReportKind::Usage(used) = &kind {
+            if job.namespace == s.namespace && self.sched.holds(id, attempt, &s.worker_id) {
+                self.sched.report_usage(id, attempt, used, Instant::now());
+                return Ok(());
+            }
+        }
         // Fencing: only the current attempt, on the worker that holds it, may report.
         if job.attempt != attempt
             || job.worker_id.as_ref() != Some(&s.worker_id)
@@ -1289,8 +1322,8 @@ impl Core {
             return Err("NOT_RUNNING");
         }
         match kind {
-            // Reconciled by the scheduler (pool rate limits); nothing of the job changes.
-            ReportKind::Usage(_usage) => Ok(()),
+            // Handled before the fencing checks.
+            ReportKind::Usage(_) => Ok(()),
             ReportKind::Ack => {
                 if job.state == JobState::Running {
                     return Ok(());
@@ -1411,11 +1444,26 @@ impl Core {
                 if job.cancel_requested {
                     self.apply(id, Trigger::Cancel, now, out, |_| {}).ok()
                 } else {
+                    // The pool named by the worker, else the one the attempt took: it cools
+                    // down, and the job waits for it (or escalates) like any other waiter. With
+                    // no known pool, the job itself backs off for the retry-after.
+                    let named = pool
+                        .as_deref()
+                        .and_then(|p| Name::parse(p).ok())
+                        .or_else(|| job.pool.clone());
+                    let cooled = named.as_ref().is_some_and(|name| {
+                        let key = PoolKey {
+                            namespace: job.namespace.clone(),
+                            name: name.clone(),
+                        };
+                        self.sched
+                            .rate_limited(&key, Instant::now() + retry_after, Instant::now())
+                    });
                     let what = pool.map(|p| format!(" on pool {p}")).unwrap_or_default();
                     self.requeue(
                         id,
                         Trigger::RateLimited,
-                        retry_after,
+                        if cooled { Duration::ZERO } else { retry_after },
                         false,
                         JobError::new(
                             "RATE_LIMITED",
@@ -1440,7 +1488,7 @@ impl Core {
                     return;
                 };
                 a.state_timer = None;
-                if a.job.state == JobState::Queued && a.ready.is_none() {
+                if a.job.state == JobState::Queued && !self.sched.is_waiting(id) {
                     self.make_ready(id);
                 }
             }
@@ -1537,6 +1585,10 @@ impl Core {
                 self.prune_idempotency(now, out);
                 self.schedule_maintenance();
             }
+            Timer::Schedule => {
+                // `settle` (run by the caller after every timer) asks the scheduler.
+                self.sched_timer = None;
+            }
             Timer::WorkerLease(wid) => {
                 let Some(w) = self.workers.get(&wid) else {
                     return;
@@ -1574,33 +1626,26 @@ impl Core {
             key: key.clone(),
             config: config.clone(),
         });
+        self.sched
+            .set_queue(&key, config.max_concurrency, config.paused);
         self.queues.entry(key.clone()).or_default().config = config;
-        self.mark_dirty(&key);
         self.settle(now, out);
         self.queue_info(&key)
     }
 
     fn queue_info(&self, key: &QueueKey) -> QueueInfo {
         let q = self.queues.get(key);
-        let oldest = q.and_then(|q| {
-            q.ready
-                .iter()
-                .filter_map(|r| self.jobs.get(&r.id))
-                .map(|a| a.job.created_at)
-                .min()
-        });
         QueueInfo {
             key: key.clone(),
             config: q.map(|q| q.config.clone()).unwrap_or_default(),
-            depth: q.map_or(0, |q| q.queued),
+            depth: q.map_or(0, |q| q.queued.len() as u64),
             running: q.map_or(0, |q| q.active as u64),
-            oldest_queued_at: oldest,
-            workers: q.map_or(0, |q| {
-                q.workers
-                    .iter()
-                    .filter(|w| self.workers.get(*w).is_some_and(|w| w.tx.is_some()))
-                    .count() as u32
-            }),
+            oldest_queued_at: q.and_then(|q| q.queued.first()).map(|(t, _)| *t),
+            workers: self
+                .workers
+                .values()
+                .filter(|w| w.tx.is_some() && w.queues.contains(key))
+                .count() as u32,
         }
     }
 
@@ -1616,31 +1661,36 @@ impl Core {
             key: key.clone(),
             config: config.clone(),
         });
-        self.pools.insert(key.clone(), config);
+        self.sched.set_pool(&key, config, Instant::now());
         self.settle(now, out);
         self.pool_info(&key).expect("pool just configured")
     }
 
     /// A pool with live figures.
     pub fn pool_info(&self, key: &PoolKey) -> Option<PoolInfo> {
-        let config = self.pools.get(key)?;
+        let config = self.sched.pool_config(key)?.clone();
+        let now = Instant::now();
+        let f = self.sched.pool_figures(key, now)?;
+        let wall = Timestamp::now();
         Some(PoolInfo {
             key: key.clone(),
-            config: config.clone(),
-            in_use: BTreeMap::new(),
-            tokens: Vec::new(),
-            running: 0,
-            waiting: 0,
-            cooldown_until: None,
-            epoch: 0,
+            config,
+            in_use: f.in_use,
+            tokens: f.tokens,
+            running: f.running,
+            waiting: f.waiting,
+            cooldown_until: f
+                .cooldown_until
+                .map(|u| wall.plus(u.saturating_duration_since(now))),
+            epoch: f.epoch,
         })
     }
 
     /// Pools of a namespace, by name.
     pub fn list_pools(&self, namespace: &Name) -> Vec<PoolInfo> {
         let mut keys: Vec<&PoolKey> = self
-            .pools
-            .keys()
+            .sched
+            .pool_keys()
             .filter(|k| &k.namespace == namespace)
             .collect();
         keys.sort();
@@ -1649,14 +1699,25 @@ impl Core {
 
     /// Deletes a pool nobody uses.
     pub fn delete_pool(&mut self, key: &PoolKey, out: &mut Outbox) -> Result<(), EngineError> {
-        if self.pools.remove(key).is_none() {
-            return Err(EngineError::NotFound {
+        match self.sched.remove_pool(key) {
+            Ok(()) => {
+                out.writes.push(Write::DeletePool { key: key.clone() });
+                Ok(())
+            }
+            Err(DeletePoolError::NotFound) => Err(EngineError::NotFound {
                 reason: "POOL_NOT_FOUND",
                 what: format!("pool {key}"),
-            });
+            }),
+            Err(DeletePoolError::InUse { running, asked_by }) => {
+                Err(EngineError::FailedPrecondition {
+                    reason: "POOL_IN_USE",
+                    message: format!(
+                        "pool {key} is in use: {running} attempts hold its units and \
+                         {asked_by} queued jobs ask for it"
+                    ),
+                })
+            }
         }
-        out.writes.push(Write::DeletePool { key: key.clone() });
-        Ok(())
     }
 
     /// Every queue of a namespace that is configured or has had jobs since start.
@@ -1683,8 +1744,8 @@ impl Core {
             draining: w.draining,
             connected: w.tx.is_some(),
             labels: w.labels.clone(),
-            resources: Resources::default(),
-            resources_in_use: Resources::default(),
+            resources: w.resources,
+            resources_in_use: self.sched.worker_figures(wid).resources_in_use,
             lease_expires_at: Timestamp::now().plus(left),
         })
     }
@@ -1728,20 +1789,20 @@ impl Core {
             match j.state {
                 JobState::Queued => {
                     *queued.entry(qk.clone()).or_default() += 1;
-                    if let Some(r) = a.ready {
-                        assert!(
-                            self.queues[&qk].ready.contains(&r),
-                            "ready key of {id} in its queue"
-                        );
-                    }
+                    assert!(self.queues[&qk].queued.contains(&(j.created_at, *id)));
                 }
                 JobState::Leased | JobState::Running => {
                     *active.entry(qk.clone()).or_default() += 1;
-                    assert!(a.ready.is_none());
+                    assert!(!self.sched.is_waiting(*id));
                     let wid = j.worker_id.as_ref().expect("held job names its worker");
                     if let Some(w) = self.workers.get(wid) {
                         assert!(w.inflight.contains(id), "{wid} holds {id}");
                     }
+                    assert!(
+                        self.sched.holds(*id, j.attempt, wid),
+                        "{id} attempt {} holds capacity on {wid}",
+                        j.attempt
+                    );
                 }
                 _ => unreachable!(),
             }
@@ -1753,24 +1814,21 @@ impl Core {
                 "active count of {qk}"
             );
             assert_eq!(
-                q.queued,
+                q.queued.len() as u64,
                 queued.get(qk).copied().unwrap_or(0),
                 "queued count of {qk}"
             );
-            for r in &q.ready {
-                let a = self.jobs.get(&r.id).expect("ready job is active");
-                assert_eq!(a.job.state, JobState::Queued);
-                assert_eq!(a.ready, Some(*r));
-            }
-            if q.config.max_concurrency > 0 {
-                assert!(q.active + q.zombies <= q.config.max_concurrency);
-            }
+            let (held, _) = self.sched.queue_figures(qk);
             let zombies: usize = self
                 .workers
                 .values()
                 .map(|w| w.zombies.values().filter(|z| *z == qk).count())
                 .sum();
-            assert_eq!(q.zombies as usize, zombies, "zombie slots of {qk}");
+            assert_eq!(
+                held as usize,
+                q.active as usize + zombies,
+                "slots held in {qk}: attempts and zombies"
+            );
         }
         for w in self.workers.values() {
             for id in &w.inflight {
@@ -1786,5 +1844,6 @@ impl Core {
                 );
             }
         }
+        self.sched.check();
     }
 }

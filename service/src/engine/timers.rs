@@ -25,6 +25,8 @@ pub(crate) enum Timer {
     WorkerLease(WorkerId),
     /// Prune expired idempotency keys and jobs past their retention; re-arms itself.
     Maintenance,
+    /// The scheduler's next wake-up (an escalation, an expiry, a refill, a cooldown's end).
+    Schedule,
 }
 
 /// Key of a scheduled timer, to cancel it.
