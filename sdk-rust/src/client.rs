@@ -1,6 +1,7 @@
 //! The client: submit, inspect, wait for, cancel and watch jobs, and administer queues and
 //! workers.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -10,6 +11,7 @@ use futures::{Stream, StreamExt};
 use jobplane_proto::pb;
 use jobplane_proto::pb::admin_service_client::AdminServiceClient;
 use jobplane_proto::pb::job_service_client::JobServiceClient;
+use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::convert;
@@ -31,6 +33,12 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 const WAIT_DEADLINE_MARGIN: Duration = Duration::from_secs(10);
 /// The service's default wait timeout when the request leaves it unset.
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+/// The longest one `WaitJob`/`WaitJobs` call waits on the service (its `MAX_WAIT`): longer
+/// waits are made of several calls.
+const SERVICE_MAX_WAIT: Duration = Duration::from_secs(3600);
+/// A call that comes back sooner than this without reaching its target, although it asked to
+/// wait longer, is the service's final answer: it is not repeated.
+const MIN_WAIT_ROUND: Duration = Duration::from_secs(1);
 /// How many times in a row a broken watch stream is resumed before the error is returned.
 const WATCH_MAX_RESUMES: u32 = 8;
 
@@ -217,26 +225,38 @@ impl Client {
     /// passes; `options` is a [`WaitOptions`] or just a [`Duration`].
     ///
     /// A timeout is not an error: the result then says `reached: false` with the job's current
-    /// snapshot.
+    /// snapshot. So is a job that ended in a state that is not a target: the wait returns at
+    /// once. The service bounds one wait (1h); a longer timeout is waited out in several calls,
+    /// and one too large to represent (such as [`Duration::MAX`]) waits without a limit.
     pub async fn wait(&self, id: &str, options: impl Into<WaitOptions>) -> Result<WaitResult> {
         let options = options.into();
-        let mut req = tonic::Request::new(pb::WaitJobRequest {
-            namespace: self.namespace.to_string(),
-            id: id.to_owned(),
-            target_states: options
-                .target_states
-                .iter()
-                .map(|s| convert::state_to_pb(*s) as i32)
-                .collect(),
-            timeout: options.timeout.map(convert::duration_to_pb),
-        });
-        req.set_timeout(options.timeout.unwrap_or(DEFAULT_WAIT) + WAIT_DEADLINE_MARGIN);
-        let resp = self.jobs().wait_job(req).await?.into_inner();
-        convert::wait_from_pb(resp)
+        let target_states: Vec<i32> = options
+            .target_states
+            .iter()
+            .map(|s| convert::state_to_pb(*s) as i32)
+            .collect();
+        wait_in_rounds(options.timeout, SERVICE_MAX_WAIT, |timeout| {
+            let mut req = tonic::Request::new(pb::WaitJobRequest {
+                namespace: self.namespace.to_string(),
+                id: id.to_owned(),
+                target_states: target_states.clone(),
+                timeout: timeout.map(convert::duration_to_pb),
+            });
+            req.set_timeout(timeout.unwrap_or(DEFAULT_WAIT) + WAIT_DEADLINE_MARGIN);
+            async move {
+                let resp = self.jobs().wait_job(req).await?.into_inner();
+                let result = convert::wait_from_pb(resp)?;
+                // A terminal job that is not in a target state never will be.
+                let settled = result.reached || result.job.is_terminal();
+                Ok((result, settled))
+            }
+        })
+        .await
     }
 
     /// Waits for several jobs: until all of them ([`WaitMode::All`]) or any of them
-    /// ([`WaitMode::Any`]) reached a target state, or the timeout passes.
+    /// ([`WaitMode::Any`]) reached a target state, or the timeout passes (long timeouts as in
+    /// [`Client::wait`]).
     pub async fn wait_many<I, S>(
         &self,
         ids: I,
@@ -248,20 +268,29 @@ impl Client {
         S: Into<String>,
     {
         let options = options.into();
-        let mut req = tonic::Request::new(pb::WaitJobsRequest {
-            namespace: self.namespace.to_string(),
-            ids: ids.into_iter().map(Into::into).collect(),
-            target_states: options
-                .target_states
-                .iter()
-                .map(|s| convert::state_to_pb(*s) as i32)
-                .collect(),
-            timeout: options.timeout.map(convert::duration_to_pb),
-            mode: convert::wait_mode_to_pb(mode) as i32,
-        });
-        req.set_timeout(options.timeout.unwrap_or(DEFAULT_WAIT) + WAIT_DEADLINE_MARGIN);
-        let resp = self.jobs().wait_jobs(req).await?.into_inner();
-        convert::wait_many_from_pb(resp)
+        let ids: Vec<String> = ids.into_iter().map(Into::into).collect();
+        let target_states: Vec<i32> = options
+            .target_states
+            .iter()
+            .map(|s| convert::state_to_pb(*s) as i32)
+            .collect();
+        wait_in_rounds(options.timeout, SERVICE_MAX_WAIT, |timeout| {
+            let mut req = tonic::Request::new(pb::WaitJobsRequest {
+                namespace: self.namespace.to_string(),
+                ids: ids.clone(),
+                target_states: target_states.clone(),
+                timeout: timeout.map(convert::duration_to_pb),
+                mode: convert::wait_mode_to_pb(mode) as i32,
+            });
+            req.set_timeout(timeout.unwrap_or(DEFAULT_WAIT) + WAIT_DEADLINE_MARGIN);
+            async move {
+                let resp = self.jobs().wait_jobs(req).await?.into_inner();
+                let result = convert::wait_many_from_pb(resp)?;
+                let settled = result.reached || hopeless(&result, mode);
+                Ok((result, settled))
+            }
+        })
+        .await
     }
 
     /// Cancels a job: a queued one at once, a running one after its worker stops or `grace`
@@ -429,6 +458,49 @@ impl Client {
     }
 }
 
+/// Whether a multi-job wait can no longer be met: a job that ended outside the target states
+/// never reaches one.
+fn hopeless(result: &WaitManyResult, mode: WaitMode) -> bool {
+    let mut dead = result
+        .results
+        .iter()
+        .map(|r| r.job.is_terminal() && !r.reached);
+    match mode {
+        WaitMode::All => dead.any(|d| d),
+        WaitMode::Any => !result.results.is_empty() && dead.all(|d| d),
+    }
+}
+
+/// Runs a wait of `timeout` as calls of at most `cap` each (`None`: one call with the service's
+/// default). `call` gets the timeout of one call and returns its answer and whether that answer
+/// is final (target reached, or never reachable); calls are repeated until then or until the
+/// timeout has passed. A timeout past what `Instant` can represent waits without a limit.
+async fn wait_in_rounds<T, F, Fut>(
+    timeout: Option<Duration>,
+    cap: Duration,
+    mut call: F,
+) -> Result<T>
+where
+    F: FnMut(Option<Duration>) -> Fut,
+    Fut: Future<Output = Result<(T, bool)>>,
+{
+    let Some(timeout) = timeout else {
+        return call(None).await.map(|(answer, _)| answer);
+    };
+    let deadline = Instant::now().checked_add(timeout);
+    loop {
+        let started = Instant::now();
+        let remaining = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(started));
+        let this = remaining.min(cap);
+        let (answer, settled) = call(Some(this)).await?;
+        let last = this >= remaining;
+        let early = started.elapsed() < this.min(MIN_WAIT_ROUND);
+        if settled || last || early {
+            return Ok(answer);
+        }
+    }
+}
+
 /// Wraps a message in a request carrying `traceparent` metadata, if any.
 fn with_traceparent<T>(message: T, traceparent: Option<&str>) -> Result<tonic::Request<T>> {
     let mut req = tonic::Request::new(message);
@@ -498,6 +570,96 @@ mod tests {
         assert_eq!(client.namespace(), "default");
         assert_eq!(client.with_namespace("t1").namespace(), "t1");
         assert!(Client::connect_lazy(" , ").is_err());
+    }
+
+    /// Runs `wait_in_rounds` against a fake service that waits out each call and answers
+    /// "settled" on call `settle_on` (1-based; 0 = never); returns the timeouts asked for.
+    async fn rounds(timeout: Option<Duration>, settle_on: usize) -> Vec<Option<Duration>> {
+        let mut asked = Vec::new();
+        wait_in_rounds(timeout, SERVICE_MAX_WAIT, |t| {
+            asked.push(t);
+            let settled = asked.len() == settle_on;
+            async move {
+                tokio::time::sleep(t.unwrap_or(DEFAULT_WAIT)).await;
+                Ok(((), settled))
+            }
+        })
+        .await
+        .unwrap();
+        asked
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_longer_than_the_service_allows_are_split_into_rounds() {
+        let hour = SERVICE_MAX_WAIT;
+        let tail = Duration::from_secs(10);
+        let started = Instant::now();
+        assert_eq!(
+            rounds(Some(3 * hour + tail), 0).await,
+            [Some(hour), Some(hour), Some(hour), Some(tail)]
+        );
+        assert_eq!(started.elapsed(), 3 * hour + tail);
+        // Short waits and the default are one call.
+        assert_eq!(rounds(Some(tail), 0).await, [Some(tail)]);
+        assert_eq!(rounds(None, 0).await, [None]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rounds_stop_once_the_answer_is_final() {
+        assert_eq!(rounds(Some(5 * SERVICE_MAX_WAIT), 2).await.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unrepresentable_timeouts_wait_without_a_limit() {
+        // Past `Instant`'s range: no panic, and calls go on until the answer is final.
+        let asked = rounds(Some(Duration::MAX), 4).await;
+        assert_eq!(asked, [Some(SERVICE_MAX_WAIT); 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_early_answer_is_not_repeated() {
+        let mut calls = 0;
+        wait_in_rounds(Some(Duration::from_secs(7200)), SERVICE_MAX_WAIT, |_| {
+            calls += 1;
+            async { Ok(((), false)) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(calls, 1);
+    }
+
+    fn wait_results(jobs: &[(pb::JobState, bool)]) -> WaitManyResult {
+        let results = jobs
+            .iter()
+            .map(|&(state, reached)| WaitResult {
+                job: convert::job_from_pb(pb::Job {
+                    id: "j".into(),
+                    namespace: "default".into(),
+                    queue: "q".into(),
+                    state: state as i32,
+                    attempt: 1,
+                    ..Default::default()
+                })
+                .unwrap(),
+                reached,
+            })
+            .collect();
+        WaitManyResult {
+            results,
+            reached: false,
+        }
+    }
+
+    #[test]
+    fn a_job_that_ended_elsewhere_makes_a_multi_wait_hopeless() {
+        use pb::JobState::{Cancelled, Failed, Running, Succeeded};
+        let ended = wait_results(&[(Failed, false), (Running, false)]);
+        assert!(hopeless(&ended, WaitMode::All));
+        assert!(!hopeless(&ended, WaitMode::Any));
+        let all_ended = wait_results(&[(Failed, false), (Cancelled, false)]);
+        assert!(hopeless(&all_ended, WaitMode::Any));
+        let going = wait_results(&[(Succeeded, true), (Running, false)]);
+        assert!(!hopeless(&going, WaitMode::All));
     }
 
     #[tokio::test]

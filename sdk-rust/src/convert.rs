@@ -10,8 +10,8 @@ use jobplane_proto::pb;
 use crate::error::{Error, Result};
 use crate::types::{
     CancelOutcome, CancelResult, EventKind, Job, JobError, JobEvent, JobPage, JobSpec, JobState,
-    ListFilter, OutputStream, QueueConfig, QueueInfo, RetryPolicy, Submitted, WaitManyResult,
-    WaitMode, WaitResult, WorkerInfo,
+    ListFilter, OutputStream, PoolConfig, PoolInfo, PoolRequest, QueueConfig, QueueInfo, RateLimit,
+    Resources, RetryPolicy, Submitted, WaitManyResult, WaitMode, WaitResult, WorkerInfo,
 };
 
 // ---- well-known types -------------------------------------------------------------------------
@@ -157,6 +157,41 @@ pub(crate) fn spec_to_pb(spec: JobSpec, namespace: &str) -> pb::JobSpec {
         max_wait: spec.max_wait.map(duration_to_pb),
         retry_policy: spec.retry_policy.as_ref().map(retry_policy_to_pb),
         scheduled_at: spec.scheduled_at.map(time_to_pb),
+        pools: spec.pools.into_iter().map(pool_request_to_pb).collect(),
+        resources: resources_to_pb(spec.resources),
+        selector: spec.selector.into_iter().collect(),
+    }
+}
+
+fn pool_request_to_pb(r: PoolRequest) -> pb::PoolRequest {
+    pb::PoolRequest {
+        pool: r.pool,
+        units: r.units.into_iter().collect(),
+        max_wait: r.max_wait.map(duration_to_pb),
+    }
+}
+
+/// Converts resources; zero is unset.
+pub(crate) fn resources_to_pb(r: Resources) -> Option<pb::Resources> {
+    (!r.is_zero()).then_some(pb::Resources {
+        cpu: r.cpu,
+        memory_bytes: r.memory_bytes,
+    })
+}
+
+pub(crate) fn pool_config_to_pb(c: &PoolConfig) -> pb::PoolConfig {
+    pb::PoolConfig {
+        max_units: c.max_units.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        rates: c
+            .rates
+            .iter()
+            .map(|r| pb::RateLimit {
+                unit: r.unit.clone(),
+                amount: r.amount,
+                per: Some(duration_to_pb(r.per)),
+                burst: r.burst.unwrap_or(0),
+            })
+            .collect(),
     }
 }
 
@@ -234,7 +269,28 @@ pub(crate) fn job_from_pb(j: pb::Job) -> Result<Job> {
         finished_at: time_from_pb(j.finished_at),
         updated_at: time_from_pb(j.updated_at),
         last_seq: j.last_seq,
+        pools: j.pools.into_iter().map(pool_request_from_pb).collect(),
+        resources: resources_from_pb(j.resources),
+        selector: sorted(j.selector),
+        pool: non_empty(j.pool),
     })
+}
+
+fn pool_request_from_pb(r: pb::PoolRequest) -> PoolRequest {
+    PoolRequest {
+        pool: r.pool,
+        units: r.units.into_iter().collect(),
+        max_wait: duration_from_pb(r.max_wait),
+    }
+}
+
+/// Converts resources; unset is zero.
+pub(crate) fn resources_from_pb(r: Option<pb::Resources>) -> Resources {
+    r.map(|r| Resources {
+        cpu: r.cpu,
+        memory_bytes: r.memory_bytes,
+    })
+    .unwrap_or_default()
 }
 
 fn required_job(j: Option<pb::Job>) -> Result<Job> {
@@ -353,6 +409,38 @@ pub(crate) fn worker_from_pb(w: pb::WorkerInfo) -> WorkerInfo {
         connected: w.connected,
         labels: sorted(w.labels),
         lease_expires_at: time_from_pb(w.lease_expires_at),
+        resources: resources_from_pb(w.resources),
+        resources_in_use: resources_from_pb(w.resources_in_use),
+    }
+}
+
+pub(crate) fn pool_config_from_pb(c: pb::PoolConfig) -> PoolConfig {
+    PoolConfig {
+        max_units: c.max_units.into_iter().collect(),
+        rates: c
+            .rates
+            .into_iter()
+            .map(|r| RateLimit {
+                unit: r.unit,
+                amount: r.amount,
+                per: duration_from_pb(r.per).unwrap_or_default(),
+                burst: (r.burst != 0).then_some(r.burst),
+            })
+            .collect(),
+    }
+}
+
+pub(crate) fn pool_from_pb(p: pb::PoolInfo) -> PoolInfo {
+    PoolInfo {
+        namespace: p.namespace,
+        name: p.name,
+        config: p.config.map(pool_config_from_pb).unwrap_or_default(),
+        in_use: p.in_use.into_iter().collect(),
+        tokens: p.tokens,
+        running: p.running,
+        waiting: p.waiting,
+        cooldown_until: time_from_pb(p.cooldown_until),
+        epoch: p.epoch,
     }
 }
 
@@ -400,6 +488,19 @@ mod tests {
             finished_at: None,
             updated_at: ts(1_700_000_001),
             last_seq: 7,
+            pools: vec![pb::PoolRequest {
+                pool: "gpt-4o".into(),
+                units: [("tokens".to_owned(), 1200)].into_iter().collect(),
+                max_wait: Some(duration_to_pb(Duration::from_secs(5))),
+            }],
+            resources: Some(pb::Resources {
+                cpu: 0.5,
+                memory_bytes: 1 << 20,
+            }),
+            selector: [("gpu".to_owned(), "a100".to_owned())]
+                .into_iter()
+                .collect(),
+            pool: String::new(),
         }
     }
 
@@ -423,6 +524,63 @@ mod tests {
         );
         assert_eq!(job.labels.get("a").map(String::as_str), Some("b"));
         assert_eq!(job.last_seq, 7);
+        assert_eq!(job.pool, None, "an empty pool is none");
+        assert_eq!(
+            job.pools,
+            [PoolRequest::new("gpt-4o")
+                .units("tokens", 1200)
+                .max_wait(Duration::from_secs(5))]
+        );
+        assert_eq!(
+            job.resources,
+            Resources {
+                cpu: 0.5,
+                memory_bytes: 1 << 20
+            }
+        );
+        assert_eq!(job.selector.get("gpu").map(String::as_str), Some("a100"));
+    }
+
+    #[test]
+    fn demand_converts_to_the_wire() {
+        let spec = JobSpec::new("q")
+            .pool(PoolRequest::new("a").units("tokens", 5))
+            .pool(PoolRequest::new("b").max_wait(Duration::ZERO))
+            .selector("k", "v");
+        let raw = spec_to_pb(spec, "default");
+        assert_eq!(raw.pools.len(), 2);
+        assert_eq!(raw.pools[0].units.get("tokens"), Some(&5));
+        assert_eq!(raw.pools[0].max_wait, None);
+        assert!(raw.pools[1].units.is_empty());
+        assert_eq!(
+            raw.pools[1].max_wait,
+            Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 0
+            })
+        );
+        assert_eq!(raw.resources, None, "no resources are unset");
+        assert_eq!(raw.selector.get("k").map(String::as_str), Some("v"));
+        let raw = spec_to_pb(JobSpec::new("q").cpu(0.25), "default");
+        assert_eq!(
+            raw.resources,
+            Some(pb::Resources {
+                cpu: 0.25,
+                memory_bytes: 0
+            })
+        );
+    }
+
+    #[test]
+    fn pool_config_round_trips_with_zero_burst_as_none() {
+        let config = PoolConfig::new()
+            .max_units("requests", 2)
+            .rate(RateLimit::new("tokens", 90_000, Duration::from_secs(60)))
+            .rate(RateLimit::new("requests", 10, Duration::from_secs(1)).burst(20));
+        let raw = pool_config_to_pb(&config);
+        assert_eq!(raw.rates[0].burst, 0);
+        assert_eq!(raw.rates[1].burst, 20);
+        assert_eq!(pool_config_from_pb(raw), config);
     }
 
     #[test]

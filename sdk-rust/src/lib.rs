@@ -78,6 +78,7 @@
 
 #![warn(missing_docs)]
 
+mod admin;
 mod backoff;
 mod client;
 mod convert;
@@ -89,8 +90,9 @@ pub use client::{Client, EventStream, ADDR_ENV, DEFAULT_ADDR, DEFAULT_NAMESPACE}
 pub use error::{BoxError, Error, Result};
 pub use types::{
     CancelOutcome, CancelResult, EventKind, Job, JobError, JobEvent, JobPage, JobSpec, JobState,
-    ListFilter, OutputStream, ParseEnumError, QueueConfig, QueueInfo, RetryPolicy, Submitted,
-    WaitManyResult, WaitMode, WaitOptions, WaitResult, WorkerInfo,
+    ListFilter, OutputStream, ParseEnumError, PoolConfig, PoolInfo, PoolRequest, QueueConfig,
+    QueueInfo, RateLimit, Resources, RetryPolicy, Submitted, WaitManyResult, WaitMode, WaitOptions,
+    WaitResult, WorkerInfo,
 };
 pub use worker::{Handler, HandlerError, JobContext, Worker, WorkerBuilder, WorkerHandle};
 

@@ -165,6 +165,20 @@ impl RetryPolicy {
 ///     .label("team", "growth");
 /// # Ok::<(), jobplane::Error>(())
 /// ```
+///
+/// Capacity and placement: pools in fallback order, worker resources and a label selector.
+///
+/// ```
+/// use std::time::Duration;
+/// use jobplane::{JobSpec, PoolRequest};
+///
+/// let spec = JobSpec::new("chat")
+///     .pool(PoolRequest::new("gpt-4o").units("tokens", 1200).max_wait(Duration::from_secs(5)))
+///     .pool(PoolRequest::new("gpt-4o-mini").max_wait(Duration::ZERO))
+///     .cpu(0.5)
+///     .memory_bytes(512 << 20)
+///     .selector("gpu", "a100");
+/// ```
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobSpec {
@@ -191,6 +205,12 @@ pub struct JobSpec {
     /// W3C `traceparent` of the submitter, sent as gRPC metadata so the job's trace continues
     /// the caller's.
     pub traceparent: Option<String>,
+    /// Capacity request: pools in fallback order.
+    pub pools: Vec<PoolRequest>,
+    /// Worker resources held while an attempt runs (zero = none).
+    pub resources: Resources,
+    /// Labels a worker must carry, each with this value, to run the job.
+    pub selector: BTreeMap<String, String>,
 }
 
 impl JobSpec {
@@ -208,6 +228,9 @@ impl JobSpec {
             retry_policy: None,
             scheduled_at: None,
             traceparent: None,
+            pools: Vec::new(),
+            resources: Resources::default(),
+            selector: BTreeMap::new(),
         }
     }
 
@@ -281,6 +304,94 @@ impl JobSpec {
     pub fn traceparent(mut self, traceparent: impl Into<String>) -> Self {
         self.traceparent = Some(traceparent.into());
         self
+    }
+
+    /// Adds a pool to the capacity request (repeatable: pools are tried in the order added).
+    pub fn pool(mut self, request: PoolRequest) -> Self {
+        self.pools.push(request);
+        self
+    }
+
+    /// Sets the CPU an attempt holds on its worker, in cores (fractions allowed).
+    pub fn cpu(mut self, cores: f64) -> Self {
+        self.resources.cpu = cores;
+        self
+    }
+
+    /// Sets the memory an attempt holds on its worker, in bytes.
+    pub fn memory_bytes(mut self, bytes: u64) -> Self {
+        self.resources.memory_bytes = bytes;
+        self
+    }
+
+    /// Adds a selector entry: only a worker with label `key` equal to `value` runs the job.
+    pub fn selector(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.selector.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// One entry of a job's capacity request: units taken from a pool while an attempt runs, and
+/// how long to wait for that pool before the next one is also tried.
+///
+/// ```
+/// use std::time::Duration;
+/// use jobplane::PoolRequest;
+///
+/// // 1 request and 1200 tokens of `gpt-4o`, waiting at most 5s before falling back.
+/// let r = PoolRequest::new("gpt-4o")
+///     .units("requests", 1)
+///     .units("tokens", 1200)
+///     .max_wait(Duration::from_secs(5));
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolRequest {
+    /// Pool name (in the job's namespace).
+    pub pool: String,
+    /// Units by unit name; empty means `requests=1`.
+    pub units: BTreeMap<String, u64>,
+    /// How long to wait for this pool before the next is also tried: `None` waits without
+    /// bound, zero fails fast (take it now or move on).
+    pub max_wait: Option<Duration>,
+}
+
+impl PoolRequest {
+    /// A request for `pool` of `requests=1` (unless units are added) without a max wait.
+    pub fn new(pool: impl Into<String>) -> Self {
+        PoolRequest {
+            pool: pool.into(),
+            units: BTreeMap::new(),
+            max_wait: None,
+        }
+    }
+
+    /// Asks for `amount` of `unit` (repeatable, one call per unit).
+    pub fn units(mut self, unit: impl Into<String>, amount: u64) -> Self {
+        self.units.insert(unit.into(), amount);
+        self
+    }
+
+    /// Sets how long to wait for this pool before the next one is also tried.
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = Some(max_wait);
+        self
+    }
+}
+
+/// CPU and memory: what a worker offers, or what an attempt holds while it runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Resources {
+    /// CPU in cores (fractions allowed; the service counts thousandths, rounding up).
+    pub cpu: f64,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+}
+
+impl Resources {
+    /// Whether nothing is asked for or offered.
+    pub fn is_zero(&self) -> bool {
+        self.cpu == 0.0 && self.memory_bytes == 0
     }
 }
 
@@ -357,6 +468,14 @@ pub struct Job {
     pub updated_at: Option<SystemTime>,
     /// Sequence number of the job's newest event: watch from here to see only what comes next.
     pub last_seq: u64,
+    /// Capacity request as submitted: pools in fallback order.
+    pub pools: Vec<PoolRequest>,
+    /// Worker resources as submitted (zero = none).
+    pub resources: Resources,
+    /// Worker label selector as submitted.
+    pub selector: BTreeMap<String, String>,
+    /// The pool the current or last attempt took its capacity from.
+    pub pool: Option<String>,
 }
 
 impl Job {
@@ -485,7 +604,9 @@ pub struct JobPage {
 /// state).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WaitOptions {
-    /// How long to wait at most; `None` = the service's default (30s). At most 1h.
+    /// How long to wait at most; `None` = the service's default (30s). The service bounds one
+    /// wait call (1h): longer timeouts are waited out in several calls, and one too large to
+    /// represent (such as [`Duration::MAX`]) waits without a limit.
     pub timeout: Option<Duration>,
     /// States to wait for; empty = any terminal state.
     pub target_states: Vec<JobState>,
@@ -728,6 +849,103 @@ pub struct WorkerInfo {
     pub labels: BTreeMap<String, String>,
     /// When its lease runs out unless renewed.
     pub lease_expires_at: Option<SystemTime>,
+    /// CPU and memory it offers.
+    pub resources: Resources,
+    /// CPU and memory held by its running attempts.
+    pub resources_in_use: Resources,
+}
+
+/// A token bucket over one unit of a pool: `amount` tokens per `per`, holding at most `burst`.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    /// The unit it limits.
+    pub unit: String,
+    /// Tokens added per `per` (at least 1).
+    pub amount: u64,
+    /// The refill interval (at least 1 ms).
+    pub per: Duration,
+    /// Most tokens the bucket holds; `None` means `amount`.
+    pub burst: Option<u64>,
+}
+
+impl RateLimit {
+    /// `amount` of `unit` per `per`, with a burst of `amount`.
+    pub fn new(unit: impl Into<String>, amount: u64, per: Duration) -> Self {
+        RateLimit {
+            unit: unit.into(),
+            amount,
+            per,
+            burst: None,
+        }
+    }
+
+    /// Sets the most tokens the bucket holds.
+    pub fn burst(mut self, burst: u64) -> Self {
+        self.burst = Some(burst);
+        self
+    }
+}
+
+/// A capacity pool's settings: at least one max or one rate limit.
+///
+/// ```
+/// use std::time::Duration;
+/// use jobplane::{PoolConfig, RateLimit};
+///
+/// let config = PoolConfig::new()
+///     .max_units("requests", 2)
+///     .rate(RateLimit::new("tokens", 90_000, Duration::from_secs(60)));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Most units held at once by running attempts, per unit.
+    pub max_units: BTreeMap<String, u64>,
+    /// Token-bucket rate limits; tokens are taken at dispatch.
+    pub rates: Vec<RateLimit>,
+}
+
+impl PoolConfig {
+    /// No limits yet.
+    pub fn new() -> Self {
+        PoolConfig::default()
+    }
+
+    /// Sets the most units of `unit` held at once.
+    pub fn max_units(mut self, unit: impl Into<String>, max: u64) -> Self {
+        self.max_units.insert(unit.into(), max);
+        self
+    }
+
+    /// Adds a rate limit.
+    pub fn rate(mut self, rate: RateLimit) -> Self {
+        self.rates.push(rate);
+        self
+    }
+}
+
+/// A capacity pool with its live figures.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolInfo {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// Settings.
+    pub config: PoolConfig,
+    /// Units held by running attempts, per unit.
+    pub in_use: BTreeMap<String, u64>,
+    /// Tokens in each rate limit's bucket now, in the order of `config.rates`.
+    pub tokens: Vec<f64>,
+    /// Attempts holding units of it.
+    pub running: u64,
+    /// Queued jobs waiting for it.
+    pub waiting: u64,
+    /// Nothing is dispatched on it until then, after an upstream rate limit.
+    pub cooldown_until: Option<SystemTime>,
+    /// Cooldown epoch: one more for every cooldown that starts after the previous one ended.
+    pub epoch: u64,
 }
 
 #[cfg(test)]
@@ -788,6 +1006,37 @@ mod tests {
         assert_eq!(spec.labels.get("x").map(String::as_str), Some("y"));
         assert_eq!(spec.scheduled_at, Some(at));
         assert_eq!(spec.namespace.as_deref(), Some("ns"));
+    }
+
+    #[test]
+    fn spec_builder_sets_the_demand() {
+        let spec = JobSpec::new("q")
+            .pool(
+                PoolRequest::new("gpt-4o")
+                    .units("tokens", 1200)
+                    .max_wait(Duration::from_secs(5)),
+            )
+            .pool(PoolRequest::new("gpt-4o-mini").max_wait(Duration::ZERO))
+            .cpu(1.5)
+            .memory_bytes(1 << 30)
+            .selector("gpu", "a100");
+        assert_eq!(spec.pools.len(), 2);
+        assert_eq!(spec.pools[0].pool, "gpt-4o");
+        assert_eq!(spec.pools[0].units.get("tokens"), Some(&1200));
+        assert_eq!(
+            spec.pools[1].units.len(),
+            0,
+            "the service defaults to requests=1"
+        );
+        assert_eq!(spec.pools[1].max_wait, Some(Duration::ZERO));
+        assert_eq!(
+            spec.resources,
+            Resources {
+                cpu: 1.5,
+                memory_bytes: 1 << 30
+            }
+        );
+        assert_eq!(spec.selector.get("gpu").map(String::as_str), Some("a100"));
     }
 
     #[test]

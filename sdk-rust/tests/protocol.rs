@@ -100,7 +100,23 @@ impl Session {
         }));
     }
 
-    /// Collects reports until `done` says enough, skipping heartbeats and drains.
+    fn reject(&self, id: &str, reason: &str) {
+        self.send(Resp::Rejected(pb::ReportRejected {
+            job_id: id.into(),
+            attempt: 1,
+            reason: reason.into(),
+        }));
+    }
+
+    /// Answers a drain as the service does.
+    fn drained(&self) {
+        // The worker may have closed the stream already.
+        let _ = self.tx.send(Ok(pb::ConnectResponse {
+            msg: Some(Resp::Drained(pb::Drained {})),
+        }));
+    }
+
+    /// Collects reports until `done` says enough, skipping heartbeats and answering drains.
     async fn reports_until(
         &mut self,
         mut done: impl FnMut(&[pb::WorkerReport]) -> bool,
@@ -109,8 +125,23 @@ impl Session {
         while !done(&all) {
             match self.recv().await {
                 Some(Req::Reports(batch)) => all.extend(batch.reports),
-                Some(Req::Heartbeat(_) | Req::Drain(_)) => {}
+                Some(Req::Heartbeat(_)) => {}
+                Some(Req::Drain(_)) => self.drained(),
                 other => panic!("expected reports, got {other:?}"),
+            }
+        }
+        all
+    }
+
+    /// Collects reports until the worker ends its side of the stream, answering drains.
+    async fn finish(&mut self) -> Vec<pb::WorkerReport> {
+        let mut all = Vec::new();
+        while let Some(msg) = self.recv().await {
+            match msg {
+                Req::Reports(batch) => all.extend(batch.reports),
+                Req::Heartbeat(_) => {}
+                Req::Drain(_) => self.drained(),
+                Req::Hello(h) => panic!("unexpected hello {h:?}"),
             }
         }
         all
@@ -134,6 +165,21 @@ fn outcome_of<'a>(
 
 fn has_outcome(reports: &[pb::WorkerReport], job: &str) -> bool {
     outcome_of(reports, job).is_some()
+}
+
+/// The kinds of `job`'s reports, in order.
+fn kinds(reports: &[pb::WorkerReport], job: &str) -> Vec<&'static str> {
+    reports
+        .iter()
+        .filter(|r| r.job_id == job)
+        .map(|r| match r.kind.as_ref().expect("kind set") {
+            pb::worker_report::Kind::Ack(_) => "ack",
+            pb::worker_report::Kind::Progress(_) => "progress",
+            pb::worker_report::Kind::Output(_) => "output",
+            pb::worker_report::Kind::Outcome(_) => "outcome",
+            pb::worker_report::Kind::Usage(_) => "usage",
+        })
+        .collect()
 }
 
 fn attempt_ref(id: &str) -> pb::AttemptRef {
@@ -363,17 +409,11 @@ async fn runs_jobs_in_order_and_shuts_down_cleanly() {
         .reports_until(|r| has_outcome(r, "j1") && has_outcome(r, "j2"))
         .await;
     for (job, result) in [("j1", &b"HI"[..]), ("j2", &b"YO"[..])] {
-        let kinds: Vec<&str> = reports
-            .iter()
-            .filter(|r| r.job_id == job)
-            .map(|r| match r.kind.as_ref().unwrap() {
-                pb::worker_report::Kind::Ack(_) => "ack",
-                pb::worker_report::Kind::Progress(_) => "progress",
-                pb::worker_report::Kind::Output(_) => "output",
-                pb::worker_report::Kind::Outcome(_) => "outcome",
-            })
-            .collect();
-        assert_eq!(kinds, ["ack", "progress", "output", "outcome"], "{job}");
+        assert_eq!(
+            kinds(&reports, job),
+            ["ack", "progress", "output", "outcome"],
+            "{job}"
+        );
         match outcome_of(&reports, job) {
             Some(pb::attempt_outcome::Kind::Success(s)) => assert_eq!(&s.result[..], result),
             other => panic!("{job}: {other:?}"),
@@ -389,14 +429,9 @@ async fn runs_jobs_in_order_and_shuts_down_cleanly() {
     s.accept("j2");
 
     handle.shutdown();
-    // Nothing in flight: the worker ends its side of the stream (possibly after a drain).
-    loop {
-        match s.recv_non_heartbeat().await {
-            None => break,
-            Some(Req::Drain(_)) => {}
-            Some(other) => panic!("unexpected {other:?}"),
-        }
-    }
+    // Nothing in flight: once the drain is confirmed, the worker ends its side of the stream.
+    let rest = s.finish().await;
+    assert!(rest.is_empty(), "{rest:?}");
     drop(s);
     tokio::time::timeout(GUARD, handle.join())
         .await
@@ -440,7 +475,7 @@ async fn server_cancel_reaches_the_handler_and_reports_cancelled() {
     ));
     s.accept("c1");
     handle.shutdown();
-    while s.recv_non_heartbeat().await.is_some() {}
+    s.finish().await;
     drop(s);
     tokio::time::timeout(GUARD, handle.join())
         .await
@@ -522,12 +557,7 @@ async fn reconnects_resends_unconfirmed_outcomes_and_drops_lost_attempts() {
     s.accept("s1");
 
     handle.shutdown();
-    let mut rest = Vec::new();
-    while let Some(msg) = s.recv_non_heartbeat().await {
-        if let Req::Reports(batch) = msg {
-            rest.extend(batch.reports);
-        }
-    }
+    let rest = s.finish().await;
     assert!(!has_outcome(&rest, "s2"), "lost attempt reported: {rest:?}");
     drop(s);
     tokio::time::timeout(GUARD, handle.join())
@@ -606,7 +636,7 @@ async fn shutdown_timeout_cancels_handlers_with_a_retryable_failure() {
         other => panic!("{other:?}"),
     }
     s.accept("t1");
-    while s.recv_non_heartbeat().await.is_some() {}
+    s.finish().await;
     drop(s);
     tokio::time::timeout(GUARD, handle.join())
         .await
@@ -615,18 +645,15 @@ async fn shutdown_timeout_cancels_handlers_with_a_retryable_failure() {
 }
 
 #[tokio::test]
-async fn rejected_report_stops_the_attempt_without_an_outcome() {
+async fn rejected_report_stops_the_attempt_and_still_reports_it_stopped() {
     let mut fake = Fake::start().await;
-    let stopped = Arc::new(Notify::new());
-    let stopped2 = stopped.clone();
     let handle = Worker::builder(fake.addr.as_str())
-        .handler("slow", move |ctx: JobContext| {
-            let stopped = stopped2.clone();
-            async move {
-                ctx.cancelled().await;
-                stopped.notify_one();
-                Ok(b"too late".to_vec())
-            }
+        .handler("slow", |ctx: JobContext| async move {
+            ctx.cancelled().await;
+            // Reports of an attempt that is not the worker's any more are not sent.
+            ctx.stdout("after the rejection\n").await;
+            ctx.progress(99.0, "late").await;
+            Ok(b"too late".to_vec())
         })
         .build()
         .unwrap()
@@ -636,23 +663,196 @@ async fn rejected_report_stops_the_attempt_without_an_outcome() {
     s.welcome(vec![]);
     s.assign(&[("z1", "slow", b"")]);
     s.reports_until(|r| !r.is_empty()).await;
-    s.send(Resp::Rejected(pb::ReportRejected {
-        job_id: "z1".into(),
-        attempt: 1,
-        reason: "STALE_ATTEMPT".into(),
-    }));
-    tokio::time::timeout(GUARD, stopped.notified())
-        .await
-        .unwrap();
-    // With the attempt forgotten, a shutdown completes at once and reports nothing.
+    // The service had already ended the attempt (say, its run timeout passed): the worker's
+    // slot stays taken until the worker says it stopped.
+    s.reject("z1", "NOT_RUNNING");
+    let reports = s.reports_until(|r| has_outcome(r, "z1")).await;
+    assert_eq!(kinds(&reports, "z1"), ["outcome"], "{reports:?}");
+    assert!(matches!(
+        outcome_of(&reports, "z1"),
+        Some(pb::attempt_outcome::Kind::Cancelled(_))
+    ));
+    // The service answers that outcome with a rejection too, which settles the attempt: the
+    // shutdown completes without waiting for anything more.
+    s.reject("z1", "NOT_RUNNING");
     handle.shutdown();
-    let mut rest = Vec::new();
-    while let Some(msg) = s.recv_non_heartbeat().await {
-        if let Req::Reports(batch) = msg {
-            rest.extend(batch.reports);
-        }
+    let rest = s.finish().await;
+    assert!(rest.is_empty(), "{rest:?}");
+    drop(s);
+    tokio::time::timeout(GUARD, handle.join())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn rejected_attempt_that_ignores_its_cancellation_is_aborted_and_reported_stopped() {
+    let mut fake = Fake::start().await;
+    let handle = Worker::builder(fake.addr.as_str())
+        .abort_grace(Duration::from_millis(50))
+        .handler("stuck", |_ctx: JobContext| async move {
+            std::future::pending::<()>().await;
+            Ok(Vec::new())
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    let mut s = fake.session().await;
+    s.hello().await;
+    s.welcome(vec![]);
+    s.assign(&[("z2", "stuck", b"")]);
+    s.reports_until(|r| !r.is_empty()).await;
+    s.reject("z2", "STALE_ATTEMPT");
+    let reports = s.reports_until(|r| has_outcome(r, "z2")).await;
+    assert!(matches!(
+        outcome_of(&reports, "z2"),
+        Some(pb::attempt_outcome::Kind::Cancelled(_))
+    ));
+    s.reject("z2", "STALE_ATTEMPT");
+    handle.shutdown();
+    s.finish().await;
+    drop(s);
+    tokio::time::timeout(GUARD, handle.join())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn reconnect_resends_the_ack_and_queued_output_of_kept_attempts() {
+    let mut fake = Fake::start().await;
+    let go = Arc::new(Notify::new());
+    let wrote = Arc::new(Notify::new());
+    let done = Arc::new(Notify::new());
+    let (go2, wrote2, done2) = (go.clone(), wrote.clone(), done.clone());
+    let handle = Worker::builder(fake.addr.as_str())
+        .reconnect_backoff(Duration::from_millis(1), Duration::from_millis(5))
+        .handler("slow", move |ctx: JobContext| {
+            let (go, wrote, done) = (go2.clone(), wrote2.clone(), done2.clone());
+            async move {
+                go.notified().await;
+                ctx.stdout("during the outage\n").await;
+                wrote.notify_one();
+                done.notified().await;
+                Ok(b"done".to_vec())
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn();
+
+    // Session 1 breaks right after the assignment, before the service handled the ack (it
+    // reached the fake, which drops it): to the worker, the ack may or may not have arrived.
+    let mut s = fake.session().await;
+    s.hello().await;
+    s.welcome(vec![]);
+    s.assign(&[("k1", "slow", b"")]);
+    let reports = s.reports_until(|r| !r.is_empty()).await;
+    assert_eq!(kinds(&reports, "k1"), ["ack"]);
+    s.break_stream();
+    let mut s = fake.session().await;
+
+    // Session 2: the worker still runs k1. Output written before the welcome waits for it.
+    let hello = s.hello().await;
+    let running: Vec<_> = hello.running.iter().map(|r| r.job_id.as_str()).collect();
+    assert_eq!(running, ["k1"]);
+    go.notify_one();
+    tokio::time::timeout(GUARD, wrote.notified())
+        .await
+        .expect("output queued");
+    s.welcome(vec![attempt_ref("k1")]);
+    let reports = s
+        .reports_until(|r| kinds(r, "k1").contains(&"output"))
+        .await;
+    assert_eq!(kinds(&reports, "k1"), ["ack", "output"], "{reports:?}");
+    assert!(reports.iter().any(|r| matches!(
+        &r.kind,
+        Some(pb::worker_report::Kind::Output(o)) if &o.data[..] == b"during the outage\n"
+    )));
+
+    done.notify_one();
+    let reports = s.reports_until(|r| has_outcome(r, "k1")).await;
+    assert_eq!(kinds(&reports, "k1"), ["outcome"]);
+    assert!(matches!(
+        outcome_of(&reports, "k1"),
+        Some(pb::attempt_outcome::Kind::Success(r)) if &r.result[..] == b"done"
+    ));
+    s.accept("k1");
+    handle.shutdown();
+    s.finish().await;
+    drop(s);
+    tokio::time::timeout(GUARD, handle.join())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn assignment_crossing_the_shutdown_drain_is_run() {
+    let mut fake = Fake::start().await;
+    let handle = Worker::builder(fake.addr.as_str())
+        // Also: a shutdown timeout too large to add to an instant means "no limit".
+        .shutdown_timeout(Duration::MAX)
+        .handler("echo", echo)
+        .build()
+        .unwrap()
+        .spawn();
+    let mut s = fake.session().await;
+    s.hello().await;
+    s.welcome(vec![]);
+    handle.shutdown();
+    match s.recv_non_heartbeat().await {
+        Some(Req::Drain(_)) => {}
+        other => panic!("expected drain, got {other:?}"),
     }
-    assert!(!has_outcome(&rest, "z1"));
+    // The service had sent an assignment before it saw the drain.
+    s.assign(&[("d1", "echo", b"late")]);
+    s.drained();
+    let reports = s.reports_until(|r| has_outcome(r, "d1")).await;
+    assert!(matches!(
+        outcome_of(&reports, "d1"),
+        Some(pb::attempt_outcome::Kind::Success(r)) if &r.result[..] == b"LATE"
+    ));
+    assert!(!handle.is_finished());
+    s.accept("d1");
+    let rest = s.finish().await;
+    assert!(rest.is_empty(), "{rest:?}");
+    drop(s);
+    tokio::time::timeout(GUARD, handle.join())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn absurd_welcome_durations_do_not_break_the_worker() {
+    let mut fake = Fake::start().await;
+    let handle = Worker::builder(fake.addr.as_str())
+        .handler("echo", echo)
+        .build()
+        .unwrap()
+        .spawn();
+    let mut s = fake.session().await;
+    s.hello().await;
+    let huge = prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 999_999_999,
+    };
+    s.send(Resp::Welcome(pb::Welcome {
+        worker_id: String::new(),
+        lease_ttl: Some(huge),
+        heartbeat_interval: Some(huge),
+        kept: vec![],
+    }));
+    s.assign(&[("h1", "echo", b"x")]);
+    let reports = s.reports_until(|r| has_outcome(r, "h1")).await;
+    assert!(matches!(
+        outcome_of(&reports, "h1"),
+        Some(pb::attempt_outcome::Kind::Success(_))
+    ));
+    s.accept("h1");
+    handle.shutdown();
+    s.finish().await;
     drop(s);
     tokio::time::timeout(GUARD, handle.join())
         .await

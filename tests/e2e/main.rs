@@ -8,6 +8,7 @@ mod faults;
 mod grpc_tooling;
 mod idempotency;
 mod lifecycle;
+mod pools;
 mod retries;
 mod slots;
 mod validation;

@@ -369,6 +369,7 @@ impl RawWorker {
                 labels: Default::default(),
                 name: "raw".into(),
                 running,
+                resources: None,
             })),
         })
         .expect("send hello");

@@ -185,9 +185,11 @@ impl JobContext {
 
     /// Sends output of the attempt; long output is split into chunks of at most 64 KiB.
     ///
-    /// Output is delivered in order and before the attempt's outcome. This waits while the
-    /// worker's report buffer is full, so a handler producing output faster than it can be
-    /// sent is slowed down rather than buffered without bound.
+    /// Output is delivered in order and before the attempt's outcome, also across reconnects.
+    /// This waits while the worker's report buffer is full, so a handler producing output
+    /// faster than it can be sent is slowed down rather than buffered without bound. Once the
+    /// service has said the attempt is no longer this worker's (and cancelled the token),
+    /// output and progress are dropped.
     pub async fn output(&self, stream: OutputStream, data: impl Into<Bytes>) {
         let mut data: Bytes = data.into();
         while !data.is_empty() {

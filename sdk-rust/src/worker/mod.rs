@@ -27,9 +27,19 @@
 //! reports progress, output and finally the outcome, all through one ordered queue so an
 //! attempt's output always precedes its outcome. Heartbeats travel on a separate lane that bulk
 //! output never delays. When the stream breaks, the worker reconnects with jittered exponential
-//! back-off under the same worker id, lists the attempts it still has, and re-sends outcomes the
-//! service has not confirmed. An attempt stays in the worker's books until the service confirmed
-//! (or rejected) its outcome.
+//! back-off under the same worker id, lists the attempts it still has and, for those the service
+//! kept, sends again their ack, the progress and output that were queued or not yet handed to
+//! the transport, and outcomes the service has not confirmed. An attempt stays in the worker's
+//! books until the service confirmed (or rejected) its outcome.
+//!
+//! When the service rejects a report of a running attempt, the attempt is no longer the
+//! worker's: its handler is cancelled, its further progress and output are dropped, and once it
+//! ends a `Cancelled` outcome tells the service the worker stopped, which frees the slot the
+//! service kept for it meanwhile. An attempt the service did not keep across a reconnect is
+//! stopped the same way but reports nothing: the service has already let it go.
+//!
+//! A shutdown drains the worker and waits for the service's confirmation before closing the
+//! stream, so an assignment that crossed the drain request is run rather than dropped.
 
 mod context;
 mod handler;

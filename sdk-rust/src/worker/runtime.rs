@@ -6,11 +6,13 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::{AbortHandle, Abortable, BoxFuture};
-use futures::stream::{self, PollNext, Stream, StreamExt};
+use futures::stream::{self, BoxStream, PollNext, Stream, StreamExt};
 use futures::FutureExt;
 use jobplane_proto::pb;
 use jobplane_proto::pb::worker_service_client::WorkerServiceClient;
@@ -40,6 +42,17 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(10);
 /// Largest message accepted from the service (assignments carry payloads of up to 1 MiB each).
 const MAX_MESSAGE: usize = 256 << 20;
+/// How long a shutting-down worker with nothing left to do waits for the service to confirm its
+/// drain (from the drain request, or from the shutdown while the session is not welcomed yet)
+/// before closing the stream anyway. Until the confirmation, an assignment may still come.
+const DRAIN_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds of the heartbeat interval, whatever the welcome suggests.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
+const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
+/// Heartbeat interval when the welcome suggests none.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Stands for "never" where an `Instant` is needed (what Tokio itself uses for far deadlines).
+const FAR_FUTURE: Duration = Duration::from_secs(86400 * 365 * 30);
 
 /// How a handler task ended.
 #[derive(Debug)]
@@ -64,8 +77,20 @@ pub(crate) enum Cause {
     Server,
     /// The worker's shutdown timeout passed.
     Shutdown,
-    /// The service no longer considers the attempt this worker's: nothing is reported.
+    /// The service rejected a report of the attempt while it ran: it is not this worker's any
+    /// more, but the service may still count it against the worker's and the queue's slots
+    /// until the worker says it stopped, so a `Cancelled` outcome is still reported.
+    Rejected,
+    /// After a reconnect, the welcome did not keep the attempt: the service already freed
+    /// everything it held for it, so nothing is reported.
     Lost,
+}
+
+impl Cause {
+    /// Whether the service no longer considers the attempt this worker's.
+    fn disowned(cause: Option<Cause>) -> bool {
+        matches!(cause, Some(Cause::Rejected | Cause::Lost))
+    }
 }
 
 struct Attempt {
@@ -136,6 +161,7 @@ pub(crate) async fn run(
         handlers_cancelled: false,
         handlers_aborted: false,
         server_drained: false,
+        drain_sent_at: None,
     };
     info!(worker_id = %rt.config.id, queues = ?rt.queues(), "worker starting");
     let mut conn = rt.connect();
@@ -200,7 +226,17 @@ async fn next_event(conn: &mut Conn) -> ConnEvent {
             }
         }
         Conn::Closing { inbound, until } => {
-            let drain = async { while let Ok(Some(_)) = inbound.message().await {} };
+            let drain = async {
+                while let Ok(Some(resp)) = inbound.message().await {
+                    if let Some(pb::connect_response::Msg::Assignments(batch)) = resp.msg {
+                        // Only when the service did not confirm the drain in time.
+                        warn!(
+                            assignments = batch.assignments.len(),
+                            "assignments arrived after the worker closed its stream; the service reassigns them once the worker's lease ends"
+                        );
+                    }
+                }
+            };
             let _ = tokio::time::timeout_at(*until, drain).await;
             ConnEvent::Closed
         }
@@ -220,6 +256,8 @@ struct Runtime {
     handlers_cancelled: bool,
     handlers_aborted: bool,
     server_drained: bool,
+    /// When a drain was last asked for on the current session (during a shutdown).
+    drain_sent_at: Option<Instant>,
 }
 
 impl Drop for Runtime {
@@ -254,7 +292,7 @@ impl Runtime {
         let mut running: Vec<pb::AttemptRef> = self
             .attempts
             .iter()
-            .filter(|(_, a)| a.cause != Some(Cause::Lost))
+            .filter(|(_, a)| !Cause::disowned(a.cause))
             .map(|(k, _)| pb::AttemptRef {
                 job_id: k.job_id.to_string(),
                 attempt: k.attempt,
@@ -275,6 +313,7 @@ impl Runtime {
                     .collect(),
                 name: self.config.name.clone(),
                 running,
+                resources: None,
             })),
         };
         let (control_tx, control_rx) = mpsc::unbounded_channel();
@@ -318,6 +357,17 @@ impl Runtime {
             return None;
         }
         let welcomed = self.session.as_ref().is_some_and(|s| s.welcomed);
+        match conn {
+            Conn::Closing { .. } => return None,
+            // Once the service may have seen the hello, and until it confirmed the drain, an
+            // assignment may be on its way: it must be run, not dropped with the stream.
+            Conn::Connecting { .. } | Conn::Connected { .. }
+                if !self.drain_settled(Instant::now()) =>
+            {
+                return None
+            }
+            _ => {}
+        }
         let placeholder = Conn::Idle {
             retry_at: Instant::now(),
         };
@@ -334,10 +384,6 @@ impl Runtime {
                 };
                 None
             }
-            closing @ Conn::Closing { .. } => {
-                *conn = closing;
-                None
-            }
             _ => {
                 info!(worker_id = %self.config.id, "worker stopped");
                 Some(Ok(()))
@@ -352,6 +398,7 @@ impl Runtime {
                 None
             }
             ConnEvent::Opened(Ok(inbound)) => {
+                self.drain_sent_at = None;
                 *conn = Conn::Connected {
                     inbound,
                     welcome_by: Some(Instant::now() + WELCOME_TIMEOUT),
@@ -409,7 +456,7 @@ impl Runtime {
         self.failures = self.failures.saturating_add(1);
         debug!(worker_id = %self.config.id, ?delay, in_flight = self.attempts.len(), "reconnecting after back-off");
         *conn = Conn::Idle {
-            retry_at: Instant::now() + delay,
+            retry_at: instant_after(Instant::now(), delay),
         };
         None
     }
@@ -452,6 +499,7 @@ impl Runtime {
         // Attempts the service no longer considers ours: stop running ones, forget finished
         // ones (their outcome was committed, or the attempt was given away).
         let mut lost = Vec::new();
+        let mut dropped = Vec::new();
         self.attempts.retain(|key, attempt| {
             if kept.contains(key) {
                 true
@@ -460,48 +508,65 @@ impl Runtime {
                 true
             } else {
                 debug!(job_id = %key.job_id, attempt = key.attempt, "outcome not kept by the service; dropping it");
+                dropped.push(key.clone());
                 false
             }
         });
+        for key in &dropped {
+            self.outbox.unmute(key);
+        }
         for key in lost {
-            self.lose(
+            self.stop(
                 &key,
+                Cause::Lost,
                 "the service did not keep the attempt after a reconnect",
             );
         }
-        // Outcomes that were in flight when the previous session broke are sent again; those
-        // still queued are sent once, in attempt order after their output.
-        let live: HashSet<AttemptKey> = self
+        // What the previous session may not have delivered is sent again, in order: first the
+        // kept attempts' acks (the service takes a repeated ack as a no-op, a lost one would
+        // leave the attempt unacknowledged), then their progress and output still queued or
+        // in flight, then their unconfirmed outcomes.
+        let mut live: Vec<AttemptKey> = self
+            .attempts
+            .iter()
+            .filter(|(_, a)| !Cause::disowned(a.cause))
+            .map(|(k, _)| k.clone())
+            .collect();
+        live.sort_unstable();
+        let acks = live
+            .iter()
+            .map(|k| {
+                Queued::control(
+                    k.clone(),
+                    report(k, pb::worker_report::Kind::Ack(pb::Ack {})),
+                )
+            })
+            .collect();
+        let mut outcomes: Vec<(AttemptKey, pb::AttemptOutcome)> = self
             .attempts
             .iter()
             .filter(|(_, a)| a.cause != Some(Cause::Lost))
-            .map(|(k, _)| k.clone())
-            .collect();
-        let mut resend: Vec<(AttemptKey, pb::AttemptOutcome)> = self
-            .attempts
-            .iter()
-            .filter(|(k, _)| live.contains(*k))
             .filter_map(|(k, a)| a.outcome.clone().map(|o| (k.clone(), o)))
             .collect();
-        resend.sort_by(|a, b| a.0.cmp(&b.0));
-        let resend = resend
+        outcomes.sort_by(|a, b| a.0.cmp(&b.0));
+        let outcomes = outcomes
             .into_iter()
             .map(|(k, o)| Queued::control(k.clone(), outcome_report(&k, o)))
             .collect();
-        self.outbox
-            .reconcile(|q| !q.is_outcome && live.contains(&q.key), resend);
+        let live: HashSet<AttemptKey> = live.into_iter().collect();
+        self.outbox.reconcile(
+            |q| !q.is_outcome && !q.is_ack() && live.contains(&q.key),
+            acks,
+            outcomes,
+        );
 
-        let heartbeat = convert::duration_from_pb(welcome.heartbeat_interval)
-            .filter(|d| !d.is_zero())
-            .or_else(|| convert::duration_from_pb(welcome.lease_ttl).map(|ttl| ttl / 3))
-            .filter(|d| !d.is_zero())
-            .unwrap_or(Duration::from_secs(5))
-            .max(Duration::from_millis(10));
+        let heartbeat = heartbeat_interval(&welcome);
         let exiting = self.exiting();
         if let Some(session) = &mut self.session {
             session.welcomed = true;
             if exiting {
                 let _ = session.control.send(drain_request());
+                self.drain_sent_at = Some(Instant::now());
             }
             // Starts the heartbeats and the reports.
             let _ = session.ready.send(Some(heartbeat));
@@ -605,7 +670,12 @@ impl Runtime {
             debug!(job_id = %key.job_id, attempt = key.attempt, "cancel for an unknown attempt");
             return;
         };
-        if !attempt.running || matches!(attempt.cause, Some(Cause::Server | Cause::Lost)) {
+        if !attempt.running
+            || matches!(
+                attempt.cause,
+                Some(Cause::Server | Cause::Rejected | Cause::Lost)
+            )
+        {
             return;
         }
         attempt.cause = Some(Cause::Server);
@@ -629,11 +699,23 @@ impl Runtime {
             return;
         };
         if attempt.running {
-            // A report of a running attempt was refused: it is not ours any more.
-            self.lose(&key, &format!("report rejected: {}", rejected.reason));
+            // A report of a running attempt was refused: it is not ours any more. Its handler
+            // is stopped, and its outcome still reported when it ends (see `Cause::Rejected`).
+            self.stop(
+                &key,
+                Cause::Rejected,
+                &format!("report rejected: {}", rejected.reason),
+            );
         } else {
-            warn!(job_id = %key.job_id, attempt = key.attempt, reason = %rejected.reason, "outcome rejected by the service");
-            self.attempts.remove(&key);
+            // Usually the answer to the outcome. It may also answer an earlier report of an
+            // attempt the service had already ended; the outcome then is still queued and goes
+            // out all the same, which is all the service needs to release the attempt's slot.
+            if attempt.cause == Some(Cause::Rejected) {
+                debug!(job_id = %key.job_id, attempt = key.attempt, reason = %rejected.reason, "report of a rejected attempt rejected");
+            } else {
+                warn!(job_id = %key.job_id, attempt = key.attempt, reason = %rejected.reason, "outcome rejected by the service");
+            }
+            self.forget(&key);
         }
     }
 
@@ -642,7 +724,7 @@ impl Runtime {
         match self.attempts.get(&key) {
             Some(attempt) if !attempt.running => {
                 debug!(job_id = %key.job_id, attempt = key.attempt, state = accepted.state, "outcome accepted");
-                self.attempts.remove(&key);
+                self.forget(&key);
             }
             Some(_) => {
                 warn!(job_id = %key.job_id, attempt = key.attempt, "outcome accepted for an attempt still running");
@@ -662,7 +744,7 @@ impl Runtime {
         match outcome_for(finished.ended, attempt.cause, finished.cancelled) {
             None => {
                 debug!(job_id = %key.job_id, attempt = key.attempt, "lost attempt ended; nothing reported");
-                self.attempts.remove(&key);
+                self.forget(&key);
             }
             Some(kind) => {
                 let outcome = pb::AttemptOutcome { kind: Some(kind) };
@@ -673,20 +755,36 @@ impl Runtime {
         }
     }
 
-    /// Stops an attempt the service no longer considers this worker's.
-    fn lose(&mut self, key: &AttemptKey, why: &str) {
+    /// Stops an attempt the service no longer considers this worker's (`cause` is `Rejected`
+    /// or `Lost`): its handler is cancelled, then aborted after the abort grace, and its
+    /// reports other than the outcome are no longer sent.
+    fn stop(&mut self, key: &AttemptKey, cause: Cause, why: &str) {
+        debug_assert!(Cause::disowned(Some(cause)));
         let Some(attempt) = self.attempts.get_mut(key) else {
             return;
         };
-        if attempt.cause == Some(Cause::Lost) {
+        // `Lost` is final; `Rejected` only gives way to it.
+        match (attempt.cause, cause) {
+            (Some(Cause::Lost), _) | (Some(Cause::Rejected), Cause::Rejected) => return,
+            _ => {}
+        }
+        let was_stopping = Cause::disowned(attempt.cause);
+        attempt.cause = Some(cause);
+        self.outbox.mute(key);
+        if was_stopping {
             return;
         }
-        warn!(job_id = %key.job_id, attempt = key.attempt, why, "attempt lost; stopping it");
-        attempt.cause = Some(Cause::Lost);
+        warn!(job_id = %key.job_id, attempt = key.attempt, why, "attempt no longer this worker's; stopping it");
         if let Some(ctx) = &attempt.ctx {
             ctx.token().cancel();
         }
         abort_after(attempt.abort.clone(), self.config.abort_grace);
+    }
+
+    /// Drops an attempt from the books once nothing more is to be sent or heard about it.
+    fn forget(&mut self, key: &AttemptKey) {
+        self.attempts.remove(key);
+        self.outbox.unmute(key);
     }
 
     fn begin_shutdown(&mut self) {
@@ -698,24 +796,60 @@ impl Runtime {
         if let Some(session) = &self.session {
             if session.welcomed {
                 let _ = session.control.send(drain_request());
+                self.drain_sent_at = Some(Instant::now());
             }
         }
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
-        let cancel_at = self.shutdown_at? + self.config.shutdown_timeout;
+    /// Until when a shutting-down worker waits for the service to confirm its drain; `None`
+    /// when it does not wait (no shutdown, or the service confirmed).
+    fn drain_deadline(&self) -> Option<Instant> {
+        if self.server_drained {
+            return None;
+        }
+        let since = self.drain_sent_at.or(self.shutdown_at)?;
+        Some(instant_after(since, DRAIN_CONFIRM_TIMEOUT))
+    }
+
+    /// Whether a shutting-down worker may close its stream as far as the drain is concerned:
+    /// the service confirmed it (no assignment can come any more), or it did not in time.
+    fn drain_settled(&self, now: Instant) -> bool {
+        self.drain_deadline().is_none_or(|d| now >= d)
+    }
+
+    /// The next deadline of the shutdown: cancelling the handlers, aborting them, giving up on
+    /// their outcomes. `None` when there is none (no shutdown, or a timeout too large to end).
+    fn shutdown_deadline(&self) -> Option<Instant> {
+        let cancel_at = self
+            .shutdown_at?
+            .checked_add(self.config.shutdown_timeout)?;
         if !self.handlers_cancelled {
             return Some(cancel_at);
         }
-        let abort_at = cancel_at + self.config.abort_grace;
+        let abort_at = cancel_at.checked_add(self.config.abort_grace)?;
         if !self.handlers_aborted {
             return Some(abort_at);
         }
-        Some(abort_at + DELIVERY_TIMEOUT)
+        abort_at.checked_add(DELIVERY_TIMEOUT)
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        // Waking up for the drain confirmation matters only once nothing else holds the exit.
+        let drain = self
+            .drain_deadline()
+            .filter(|d| self.attempts.is_empty() && *d > Instant::now());
+        match (self.shutdown_deadline(), drain) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Advances the shutdown; returns true when it is time to give up.
     fn on_deadline(&mut self) -> bool {
+        if self.shutdown_deadline().is_none_or(|d| d > Instant::now()) {
+            // Another deadline (the drain confirmation): `check_exit` handles it.
+            return false;
+        }
         if !self.handlers_cancelled {
             self.handlers_cancelled = true;
             let mut n = 0;
@@ -765,6 +899,26 @@ fn is_fatal(status: &tonic::Status) -> bool {
     )
 }
 
+/// `at + d`, or a far future when that is not representable.
+fn instant_after(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(FAR_FUTURE))
+        .unwrap_or(at)
+}
+
+/// The heartbeat interval suggested by the welcome (or a third of the lease), kept within
+/// bounds: never slower than half the lease, so that a bogus suggestion does not lose it, and
+/// never so large that computing the next tick overflows.
+fn heartbeat_interval(welcome: &pb::Welcome) -> Duration {
+    let ttl = convert::duration_from_pb(welcome.lease_ttl).filter(|d| !d.is_zero());
+    let suggested = convert::duration_from_pb(welcome.heartbeat_interval)
+        .filter(|d| !d.is_zero())
+        .or_else(|| ttl.map(|ttl| ttl / 3))
+        .unwrap_or(DEFAULT_HEARTBEAT);
+    let within_lease = ttl.map_or(suggested, |ttl| suggested.min(ttl / 2));
+    within_lease.clamp(MIN_HEARTBEAT, MAX_HEARTBEAT)
+}
+
 fn abort_after(abort: Option<AbortHandle>, after: Duration) {
     if let Some(abort) = abort {
         tokio::spawn(async move {
@@ -809,7 +963,8 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// What to report for an attempt that ended; `None` for nothing (the attempt was lost).
+/// What to report for an attempt that ended; `None` for nothing (the attempt was lost on a
+/// reconnect).
 pub(crate) fn outcome_for(
     ended: Ended,
     cause: Option<Cause>,
@@ -819,6 +974,9 @@ pub(crate) fn outcome_for(
     const SHUT_DOWN: &str = "the worker shut down before the attempt finished";
     match cause {
         Some(Cause::Lost) => return None,
+        // Whatever the handler returned, the service had already ended the attempt; the outcome
+        // only tells it that the worker stopped, so it frees the attempt's slot.
+        Some(Cause::Rejected) => return Some(Kind::Cancelled(pb::Cancelled {})),
         Some(Cause::Server) if cancelled_before_end || matches!(ended, Ended::Aborted) => {
             // Whatever the handler returned after the cancel, the attempt stopped because of it.
             return Some(Kind::Cancelled(pb::Cancelled {}));
@@ -871,7 +1029,7 @@ fn outbound(
     let mut hb_ready = ready.clone();
     let heartbeats = async_stream::stream! {
         let Some(period) = wait_ready(&mut hb_ready).await else { return };
-        let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+        let mut ticks = tokio::time::interval_at(instant_after(Instant::now(), period), period);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
@@ -881,6 +1039,7 @@ fn outbound(
         }
     };
     let mut reports_ready = ready;
+    let handover_outbox = outbox.clone();
     let reports = async_stream::stream! {
         if wait_ready(&mut reports_ready).await.is_none() {
             return;
@@ -893,9 +1052,62 @@ fn outbound(
     };
     let priority = stream::select(UnboundedReceiverStream::new(control), heartbeats);
     let merged = stream::select_with_strategy(priority, reports, |_: &mut ()| PollNext::Left);
-    stream::once(async move { hello })
+    let requests = stream::once(async move { hello })
         .chain(merged)
-        .take_until(close.cancelled_owned())
+        .take_until(close.cancelled_owned());
+    HandOver {
+        inner: requests.boxed(),
+        outbox: handover_outbox,
+        epoch,
+        flush: false,
+        after_pending: false,
+    }
+}
+
+/// Tells the outbox when the reports a session's stream yielded have been handed to the
+/// transport, so that only reports still in our hands are sent again after a broken stream.
+///
+/// tonic encodes what the stream yields into a buffer and gives that buffer to hyper when the
+/// stream returns `Pending`; hyper polls the body for more only once it has passed the previous
+/// chunk to HTTP/2. So when the stream is polled after it returned `Pending`, everything it
+/// yielded before has been handed over. After each batch of reports the stream returns
+/// `Pending` once (waking itself at once), so that a batch is handed over before the next one
+/// is taken and never waits behind a busy outbox.
+struct HandOver {
+    inner: BoxStream<'static, pb::ConnectRequest>,
+    outbox: Arc<Outbox>,
+    epoch: u64,
+    /// A batch of reports was just yielded: return `Pending` once before anything else.
+    flush: bool,
+    /// The last poll returned `Pending`.
+    after_pending: bool,
+}
+
+impl Stream for HandOver {
+    type Item = pb::ConnectRequest;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if std::mem::take(&mut this.after_pending) {
+            this.outbox.handed_over(this.epoch);
+        }
+        if std::mem::take(&mut this.flush) {
+            this.after_pending = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        match this.inner.poll_next_unpin(cx) {
+            Poll::Pending => {
+                this.after_pending = true;
+                Poll::Pending
+            }
+            Poll::Ready(Some(req)) => {
+                this.flush = matches!(req.msg, Some(pb::connect_request::Msg::Reports(_)));
+                Poll::Ready(Some(req))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+        }
+    }
 }
 
 async fn wait_ready(ready: &mut watch::Receiver<Option<Duration>>) -> Option<Duration> {
@@ -973,6 +1185,154 @@ mod tests {
     fn lost_attempts_report_nothing() {
         assert_eq!(outcome_for(ok(b"r"), Some(Cause::Lost), true), None);
         assert_eq!(outcome_for(Ended::Aborted, Some(Cause::Lost), true), None);
+    }
+
+    #[test]
+    fn rejected_attempts_report_cancelled_whatever_the_handler_did() {
+        let endings = || {
+            [
+                ok(b"r"),
+                Ended::Returned(Err(HandlerError::Cancelled)),
+                Ended::Returned(Err(HandlerError::fatal("x"))),
+                Ended::Panicked("boom".into()),
+                Ended::Aborted,
+            ]
+        };
+        for cancelled in [true, false] {
+            for ended in endings() {
+                assert_eq!(
+                    outcome_for(ended, Some(Cause::Rejected), cancelled),
+                    Some(Kind::Cancelled(pb::Cancelled {}))
+                );
+            }
+        }
+    }
+
+    /// A welcome; `Duration::MAX` goes on the wire as the largest protobuf duration.
+    fn welcome(heartbeat: Option<Duration>, ttl: Option<Duration>) -> pb::Welcome {
+        pb::Welcome {
+            heartbeat_interval: heartbeat.map(convert::duration_to_pb),
+            lease_ttl: ttl.map(convert::duration_to_pb),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn heartbeat_interval_is_kept_within_bounds() {
+        let s = Duration::from_secs;
+        assert_eq!(heartbeat_interval(&welcome(Some(s(2)), Some(s(10)))), s(2));
+        assert_eq!(heartbeat_interval(&welcome(None, Some(s(9)))), s(3));
+        assert_eq!(heartbeat_interval(&welcome(None, None)), DEFAULT_HEARTBEAT);
+        // Never slower than half the lease, never faster than the floor.
+        assert_eq!(heartbeat_interval(&welcome(Some(s(60)), Some(s(10)))), s(5));
+        assert_eq!(
+            heartbeat_interval(&welcome(Some(Duration::from_nanos(1)), None)),
+            MIN_HEARTBEAT
+        );
+        // Absurd values are clamped instead of overflowing later.
+        for (hb, ttl) in [
+            (Some(Duration::MAX), None),
+            (Some(Duration::MAX), Some(Duration::MAX)),
+            (None, Some(Duration::MAX)),
+        ] {
+            let d = heartbeat_interval(&welcome(hb, ttl));
+            assert_eq!(d, MAX_HEARTBEAT, "{hb:?} {ttl:?}");
+            let _ = tokio::time::interval_at(instant_after(Instant::now(), d), d);
+        }
+    }
+
+    #[tokio::test]
+    async fn instants_saturate() {
+        let now = Instant::now();
+        assert_eq!(
+            instant_after(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
+        assert!(instant_after(now, Duration::MAX) >= now + Duration::from_secs(86400 * 365));
+    }
+
+    fn reports_request(id: &str) -> pb::ConnectRequest {
+        pb::ConnectRequest {
+            msg: Some(pb::connect_request::Msg::Reports(pb::WorkerReports {
+                reports: vec![report(
+                    &AttemptKey::new(id, 1),
+                    pb::worker_report::Kind::Ack(pb::Ack {}),
+                )],
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn reports_are_handed_over_once_polled_after_pending() {
+        use futures::task::noop_waker_ref;
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        let epoch = outbox.next_epoch();
+        outbox.push(Queued::control(
+            AttemptKey::new("a", 1),
+            report(
+                &AttemptKey::new("a", 1),
+                pb::worker_report::Kind::Ack(pb::Ack {}),
+            ),
+        ));
+        // What the transport takes from the stream: the batch the outbox gave out, then more.
+        assert_eq!(outbox.next_batch(epoch).await.unwrap().len(), 1);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(reports_request("a")).unwrap();
+        tx.send(reports_request("b")).unwrap();
+        let mut stream = HandOver {
+            inner: UnboundedReceiverStream::new(rx).boxed(),
+            outbox: outbox.clone(),
+            epoch,
+            flush: false,
+            after_pending: false,
+        };
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(matches!(
+            stream.poll_next_unpin(&mut cx),
+            Poll::Ready(Some(_))
+        ));
+        // After a batch, the stream lets the transport send it before anything else...
+        assert!(stream.poll_next_unpin(&mut cx).is_pending());
+        // ...and only polled again is it handed over: a session ending now sends nothing again.
+        assert!(matches!(
+            stream.poll_next_unpin(&mut cx),
+            Poll::Ready(Some(_))
+        ));
+        outbox.next_epoch();
+        assert_eq!(outbox.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn reports_not_handed_over_are_sent_again() {
+        use futures::task::noop_waker_ref;
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        let epoch = outbox.next_epoch();
+        let key = AttemptKey::new("a", 1);
+        outbox.push(Queued::control(
+            key.clone(),
+            report(&key, pb::worker_report::Kind::Ack(pb::Ack {})),
+        ));
+        assert_eq!(outbox.next_batch(epoch).await.unwrap().len(), 1);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(reports_request("a")).unwrap();
+        let mut stream = HandOver {
+            inner: UnboundedReceiverStream::new(rx).boxed(),
+            outbox: outbox.clone(),
+            epoch,
+            flush: false,
+            after_pending: false,
+        };
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(matches!(
+            stream.poll_next_unpin(&mut cx),
+            Poll::Ready(Some(_))
+        ));
+        assert!(stream.poll_next_unpin(&mut cx).is_pending());
+        // The transport never came back for more (say the stream was reset): the session ends
+        // with the batch still in flight, and it is queued again.
+        drop(stream);
+        outbox.next_epoch();
+        assert_eq!(outbox.len(), 1);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::error::{invalid, to_status};
-use crate::engine::model::{QueueKey, WorkerId};
+use crate::engine::model::{PoolKey, QueueKey, WorkerId};
 use crate::engine::Engine;
 
 pub(crate) struct Admin {
@@ -18,6 +18,14 @@ impl Admin {
     pub fn new(engine: Arc<Engine>) -> Self {
         Admin { engine }
     }
+}
+
+/// The pool a request names.
+fn pool_key(namespace: &str, name: &str) -> Result<PoolKey, Status> {
+    Ok(PoolKey {
+        namespace: convert::namespace(namespace, "namespace").map_err(to_status)?,
+        name: convert::name(name, "name").map_err(to_status)?,
+    })
 }
 
 #[tonic::async_trait]
@@ -89,5 +97,59 @@ impl pb::admin_service_server::AdminService for Admin {
         Ok(Response::new(pb::DrainWorkerResponse {
             worker: Some(convert::pb_worker(&info)),
         }))
+    }
+
+    async fn configure_pool(
+        &self,
+        req: Request<pb::ConfigurePoolRequest>,
+    ) -> Result<Response<pb::ConfigurePoolResponse>, Status> {
+        let r = req.into_inner();
+        let key = pool_key(&r.namespace, &r.name)?;
+        let config = convert::pool_config(r.config, "config").map_err(to_status)?;
+        let info = self
+            .engine
+            .configure_pool(key, config)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ConfigurePoolResponse {
+            pool: Some(convert::pb_pool(&info)),
+        }))
+    }
+
+    async fn get_pool(
+        &self,
+        req: Request<pb::GetPoolRequest>,
+    ) -> Result<Response<pb::GetPoolResponse>, Status> {
+        let r = req.get_ref();
+        let key = pool_key(&r.namespace, &r.name)?;
+        let info = self.engine.get_pool(&key).map_err(to_status)?;
+        Ok(Response::new(pb::GetPoolResponse {
+            pool: Some(convert::pb_pool(&info)),
+        }))
+    }
+
+    async fn list_pools(
+        &self,
+        req: Request<pb::ListPoolsRequest>,
+    ) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        let ns = convert::namespace(&req.get_ref().namespace, "namespace").map_err(to_status)?;
+        Ok(Response::new(pb::ListPoolsResponse {
+            pools: self
+                .engine
+                .list_pools(&ns)
+                .iter()
+                .map(convert::pb_pool)
+                .collect(),
+        }))
+    }
+
+    async fn delete_pool(
+        &self,
+        req: Request<pb::DeletePoolRequest>,
+    ) -> Result<Response<pb::DeletePoolResponse>, Status> {
+        let r = req.get_ref();
+        let key = pool_key(&r.namespace, &r.name)?;
+        self.engine.delete_pool(key).await.map_err(to_status)?;
+        Ok(Response::new(pb::DeletePoolResponse {}))
     }
 }

@@ -9,7 +9,8 @@ use uuid::Uuid;
 
 use crate::engine::model::*;
 use crate::engine::{
-    CancelOutcome, EngineError, Outcome, QueueInfo, Report, ReportKind, WorkerHello, WorkerInfo,
+    CancelOutcome, EngineError, Outcome, PoolInfo, QueueInfo, Report, ReportKind, WorkerHello,
+    WorkerInfo,
 };
 
 /// Largest accepted payload or result.
@@ -28,6 +29,16 @@ pub const MAX_BATCH: usize = 10_000;
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// Longest accepted duration (run timeout, max wait, back-off).
 pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Most pools in one job's capacity request.
+pub const MAX_POOL_REQUESTS: usize = 16;
+/// Most units per pool request, per usage report, and per pool's `max_units`.
+pub const MAX_UNITS: usize = 16;
+/// Most rate limits per pool.
+pub const MAX_RATES: usize = 16;
+/// Largest CPU a job can ask for or a worker can offer, in cores.
+pub const MAX_CPU: f64 = 1_000_000.0;
+/// Shortest refill interval of a rate limit.
+pub const MIN_RATE_PER: Duration = Duration::from_millis(1);
 
 type R<T> = Result<T, EngineError>;
 
@@ -231,6 +242,11 @@ pub fn spec(s: Option<pb::JobSpec>, f: &str) -> R<JobSpec> {
             "must be positive (unset = none)",
         ));
     }
+    let demand = Demand {
+        pools: pool_requests(s.pools, &format!("{f}.pools"))?,
+        resources: resources(s.resources.as_ref(), &format!("{f}.resources"))?,
+        selector: labels(s.selector, &format!("{f}.selector"))?,
+    };
     Ok(JobSpec {
         namespace: namespace(&s.namespace, &format!("{f}.namespace"))?,
         queue: name(&s.queue, &format!("{f}.queue"))?,
@@ -238,7 +254,7 @@ pub fn spec(s: Option<pb::JobSpec>, f: &str) -> R<JobSpec> {
         labels: Arc::new(labels(s.labels, &format!("{f}.labels"))?),
         priority: s.priority,
         idempotency_key: (!s.idempotency_key.is_empty()).then_some(s.idempotency_key),
-        demand: Default::default(),
+        demand: Arc::new(demand),
         run_timeout,
         max_wait: duration(s.max_wait.as_ref(), &format!("{f}.max_wait"))?,
         retry_policy: retry_policy(s.retry_policy, &format!("{f}.retry_policy"))?,
@@ -290,6 +306,186 @@ pub fn pb_job(j: &Job) -> pb::Job {
         finished_at: j.finished_at.map(pb_timestamp),
         updated_at: Some(pb_timestamp(j.updated_at)),
         last_seq: j.last_seq,
+        pools: j.demand.pools.iter().map(pb_pool_request).collect(),
+        resources: (!j.demand.resources.is_zero()).then(|| pb_resources(&j.demand.resources)),
+        selector: j
+            .demand
+            .selector
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        pool: j.pool.as_ref().map(ToString::to_string).unwrap_or_default(),
+    }
+}
+
+/// Validates a unit map (`units` of a pool request, `max_units`, usage); `f` is the map's field
+/// path, each entry is named `f["unit"]`. `min` is the smallest accepted amount.
+fn units(map: std::collections::HashMap<String, u64>, f: &str, min: u64) -> R<BTreeMap<Unit, u64>> {
+    if map.len() > MAX_UNITS {
+        return Err(inv(f, format!("at most {MAX_UNITS} units")));
+    }
+    let map: BTreeMap<Unit, u64> = map.into_iter().collect();
+    for (unit, amount) in &map {
+        let field = format!("{f}[{unit:?}]");
+        validate_unit(unit).map_err(|m| inv(&field, format!("unit name {m}")))?;
+        if *amount < min {
+            return Err(inv(&field, format!("must be at least {min}")));
+        }
+    }
+    Ok(map)
+}
+
+/// Validates a capacity request; `f` is its field path (`spec.pools`).
+pub fn pool_requests(reqs: Vec<pb::PoolRequest>, f: &str) -> R<Vec<PoolRequest>> {
+    if reqs.len() > MAX_POOL_REQUESTS {
+        return Err(inv(f, format!("at most {MAX_POOL_REQUESTS} pools per job")));
+    }
+    let mut out: Vec<PoolRequest> = Vec::with_capacity(reqs.len());
+    for (i, r) in reqs.into_iter().enumerate() {
+        let pf = format!("{f}[{i}]");
+        let pool = name(&r.pool, &format!("{pf}.pool"))?;
+        if let Some(j) = out.iter().position(|p| p.pool == pool) {
+            return Err(inv(
+                &format!("{pf}.pool"),
+                format!("pool {pool} is already requested by {f}[{j}]"),
+            ));
+        }
+        let mut units = units(r.units, &format!("{pf}.units"), 1)?;
+        if units.is_empty() {
+            units.insert(DEFAULT_UNIT.to_owned(), 1);
+        }
+        out.push(PoolRequest {
+            pool,
+            units,
+            max_wait: duration(r.max_wait.as_ref(), &format!("{pf}.max_wait"))?,
+        });
+    }
+    Ok(out)
+}
+
+/// A pool request as a wire value.
+fn pb_pool_request(r: &PoolRequest) -> pb::PoolRequest {
+    pb::PoolRequest {
+        pool: r.pool.to_string(),
+        units: pb_units(&r.units),
+        max_wait: r.max_wait.map(pb_duration),
+    }
+}
+
+fn pb_units(units: &BTreeMap<Unit, u64>) -> std::collections::HashMap<String, u64> {
+    units.iter().map(|(k, v)| (k.clone(), *v)).collect()
+}
+
+/// Validates resources (unset = none); CPU in cores becomes thousandths, rounded up.
+pub fn resources(r: Option<&pb::Resources>, f: &str) -> R<Resources> {
+    let Some(r) = r else {
+        return Ok(Resources::default());
+    };
+    Ok(Resources {
+        cpu_millis: cpu_millis(r.cpu).map_err(|m| inv(&format!("{f}.cpu"), m))?,
+        memory_bytes: r.memory_bytes,
+    })
+}
+
+/// Cores as thousandths of a core, rounded up (`0.0001` is one milli); a value within float
+/// error of a whole milli is that milli (`1.1` is 1100, not 1101).
+fn cpu_millis(cpu: f64) -> Result<u64, String> {
+    if !cpu.is_finite() || cpu < 0.0 {
+        return Err("must be a finite number of cores, not negative".into());
+    }
+    if cpu > MAX_CPU {
+        return Err(format!("must be at most {MAX_CPU} cores"));
+    }
+    let m = cpu * 1000.0;
+    let nearest = m.round();
+    let millis = if (m - nearest).abs() < 1e-6 {
+        nearest
+    } else {
+        m.ceil()
+    };
+    // Bounded by MAX_CPU * 1000 above, so the cast is exact.
+    Ok(millis as u64)
+}
+
+/// Resources as a wire value.
+pub fn pb_resources(r: &Resources) -> pb::Resources {
+    pb::Resources {
+        cpu: r.cpu_millis as f64 / 1000.0,
+        memory_bytes: r.memory_bytes,
+    }
+}
+
+/// Validates a pool's settings; `f` is its field path (`config`).
+pub fn pool_config(c: Option<pb::PoolConfig>, f: &str) -> R<PoolConfig> {
+    let c = c.unwrap_or_default();
+    if c.max_units.is_empty() && c.rates.is_empty() {
+        return Err(inv(
+            f,
+            "must set at least one of max_units and rates (a pool limits something)",
+        ));
+    }
+    let max_units = units(c.max_units, &format!("{f}.max_units"), 1)?;
+    if c.rates.len() > MAX_RATES {
+        return Err(inv(
+            &format!("{f}.rates"),
+            format!("at most {MAX_RATES} rate limits"),
+        ));
+    }
+    let rates = c
+        .rates
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let rf = format!("{f}.rates[{i}]");
+            validate_unit(&r.unit).map_err(|m| inv(&format!("{rf}.unit"), m))?;
+            if r.amount == 0 {
+                return Err(inv(&format!("{rf}.amount"), "must be at least 1"));
+            }
+            let per = duration(r.per.as_ref(), &format!("{rf}.per"))?
+                .ok_or_else(|| inv(&format!("{rf}.per"), "is required"))?;
+            if per < MIN_RATE_PER {
+                return Err(inv(&format!("{rf}.per"), "must be at least 1ms"));
+            }
+            Ok(RateLimit {
+                unit: r.unit,
+                amount: r.amount,
+                per,
+                burst: if r.burst == 0 { r.amount } else { r.burst },
+            })
+        })
+        .collect::<R<Vec<_>>>()?;
+    Ok(PoolConfig { max_units, rates })
+}
+
+/// A pool's settings as a wire value.
+pub fn pb_pool_config(c: &PoolConfig) -> pb::PoolConfig {
+    pb::PoolConfig {
+        max_units: pb_units(&c.max_units),
+        rates: c
+            .rates
+            .iter()
+            .map(|r| pb::RateLimit {
+                unit: r.unit.clone(),
+                amount: r.amount,
+                per: Some(pb_duration(r.per)),
+                burst: r.burst,
+            })
+            .collect(),
+    }
+}
+
+/// A pool as a wire value.
+pub fn pb_pool(p: &PoolInfo) -> pb::PoolInfo {
+    pb::PoolInfo {
+        namespace: p.key.namespace.to_string(),
+        name: p.key.name.to_string(),
+        config: Some(pb_pool_config(&p.config)),
+        in_use: pb_units(&p.in_use),
+        tokens: p.tokens.clone(),
+        running: p.running,
+        waiting: p.waiting,
+        cooldown_until: p.cooldown_until.map(pb_timestamp),
+        epoch: p.epoch,
     }
 }
 
@@ -423,6 +619,8 @@ pub fn pb_worker(w: &WorkerInfo) -> pb::WorkerInfo {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         lease_expires_at: Some(pb_timestamp(w.lease_expires_at)),
+        resources: Some(pb_resources(&w.resources)),
+        resources_in_use: Some(pb_resources(&w.resources_in_use)),
     }
 }
 
@@ -463,7 +661,7 @@ pub fn hello(h: pb::WorkerHello) -> R<WorkerHello> {
         queues,
         concurrency: h.concurrency,
         labels: labels(h.labels, "hello.labels")?,
-        resources: Resources::default(),
+        resources: resources(h.resources.as_ref(), "hello.resources")?,
         name: h.name.chars().take(256).collect(),
         running,
     })
@@ -542,10 +740,346 @@ pub fn report(r: pb::WorkerReport, i: usize) -> R<Report> {
             };
             ReportKind::Outcome(outcome)
         }
+        Some(pb::worker_report::Kind::Usage(u)) => {
+            // Actual usage may be zero (nothing was used after all).
+            ReportKind::Usage(units(u.units, &format!("{f}.usage.units"), 0)?)
+        }
     };
     Ok(Report {
         job_id,
         attempt: r.attempt,
         kind,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(e: EngineError) -> String {
+        match e {
+            EngineError::InvalidArgument { field, .. } => field,
+            other => panic!("not an invalid argument: {other:?}"),
+        }
+    }
+
+    fn req(pool: &str, units: &[(&str, u64)], max_wait_ms: Option<u64>) -> pb::PoolRequest {
+        pb::PoolRequest {
+            pool: pool.into(),
+            units: units.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            max_wait: max_wait_ms.map(|ms| pb_duration(Duration::from_millis(ms))),
+        }
+    }
+
+    fn spec_with(f: impl FnOnce(&mut pb::JobSpec)) -> R<JobSpec> {
+        let mut s = pb::JobSpec {
+            queue: "q".into(),
+            ..Default::default()
+        };
+        f(&mut s);
+        spec(Some(s), "spec")
+    }
+
+    #[test]
+    fn demand_is_validated_and_defaulted() {
+        let s = spec_with(|s| {
+            s.pools = vec![
+                req("gpt-4o", &[("tokens", 1200)], Some(5000)),
+                req("gpt-4o-mini", &[], Some(0)),
+                req("slow", &[], None),
+            ];
+            s.resources = Some(pb::Resources {
+                cpu: 1.1,
+                memory_bytes: 512 << 20,
+            });
+            s.selector = [("gpu".to_owned(), "a100".to_owned())].into();
+        })
+        .unwrap();
+        let d = &s.demand;
+        assert_eq!(d.pools.len(), 3);
+        assert_eq!(d.pools[0].pool.as_str(), "gpt-4o");
+        assert_eq!(d.pools[0].units, [("tokens".to_owned(), 1200)].into());
+        assert_eq!(d.pools[0].max_wait, Some(Duration::from_secs(5)));
+        assert_eq!(
+            d.pools[1].units,
+            [(DEFAULT_UNIT.to_owned(), 1)].into(),
+            "no units means requests=1"
+        );
+        assert_eq!(
+            d.pools[1].max_wait,
+            Some(Duration::ZERO),
+            "zero is fail fast"
+        );
+        assert_eq!(d.pools[2].max_wait, None, "unset waits without bound");
+        assert_eq!(
+            d.resources,
+            Resources {
+                cpu_millis: 1100,
+                memory_bytes: 512 << 20
+            }
+        );
+        assert_eq!(d.selector.get("gpu").map(String::as_str), Some("a100"));
+        assert!(spec_with(|_| {}).unwrap().demand.is_empty());
+    }
+
+    type Edit = Box<dyn FnOnce(&mut pb::JobSpec)>;
+
+    #[test]
+    fn bad_demands_name_the_field() {
+        let cases: Vec<(&str, Edit)> = vec![
+            (
+                "spec.pools[1].pool",
+                Box::new(|s| s.pools = vec![req("a", &[], None), req("bad pool", &[], None)]),
+            ),
+            (
+                "spec.pools[0].pool",
+                Box::new(|s| s.pools = vec![req("", &[], None)]),
+            ),
+            (
+                "spec.pools[1].pool",
+                Box::new(|s| s.pools = vec![req("a", &[], None), req("a", &[], Some(0))]),
+            ),
+            (
+                "spec.pools[1].units[\"tokens\"]",
+                Box::new(|s| s.pools = vec![req("a", &[], None), req("b", &[("tokens", 0)], None)]),
+            ),
+            (
+                "spec.pools[0].units[\"Tokens\"]",
+                Box::new(|s| s.pools = vec![req("a", &[("Tokens", 1)], None)]),
+            ),
+            (
+                "spec.pools[0].units",
+                Box::new(|s| {
+                    let units: Vec<(String, u64)> = (0..17).map(|i| (format!("u{i}"), 1)).collect();
+                    s.pools = vec![pb::PoolRequest {
+                        pool: "a".into(),
+                        units: units.into_iter().collect(),
+                        max_wait: None,
+                    }];
+                }),
+            ),
+            (
+                "spec.pools",
+                Box::new(|s| s.pools = (0..17).map(|i| req(&format!("p{i}"), &[], None)).collect()),
+            ),
+            (
+                "spec.pools[0].max_wait",
+                Box::new(|s| {
+                    s.pools = vec![pb::PoolRequest {
+                        pool: "a".into(),
+                        units: Default::default(),
+                        max_wait: Some(prost_types::Duration {
+                            seconds: -1,
+                            nanos: 0,
+                        }),
+                    }]
+                }),
+            ),
+            (
+                "spec.resources.cpu",
+                Box::new(|s| {
+                    s.resources = Some(pb::Resources {
+                        cpu: -0.5,
+                        memory_bytes: 0,
+                    })
+                }),
+            ),
+            (
+                "spec.resources.cpu",
+                Box::new(|s| {
+                    s.resources = Some(pb::Resources {
+                        cpu: f64::NAN,
+                        memory_bytes: 0,
+                    })
+                }),
+            ),
+            (
+                "spec.resources.cpu",
+                Box::new(|s| {
+                    s.resources = Some(pb::Resources {
+                        cpu: f64::INFINITY,
+                        memory_bytes: 0,
+                    })
+                }),
+            ),
+            (
+                "spec.selector[\"\"]",
+                Box::new(|s| s.selector = [(String::new(), "x".to_owned())].into()),
+            ),
+        ];
+        for (want, f) in cases {
+            assert_eq!(field(spec_with(f).unwrap_err()), want);
+        }
+    }
+
+    #[test]
+    fn cpu_rounds_up_to_a_milli_but_not_for_float_error() {
+        for (cores, millis) in [
+            (0.0, 0),
+            (0.5, 500),
+            (1.1, 1100),
+            (0.3, 300),
+            (2.0, 2000),
+            (0.0001, 1),
+            (0.0015, 2),
+            (MAX_CPU, 1_000_000_000),
+        ] {
+            assert_eq!(cpu_millis(cores), Ok(millis), "{cores}");
+        }
+        assert!(cpu_millis(MAX_CPU * 2.0).is_err());
+        assert_eq!(
+            pb_resources(&Resources {
+                cpu_millis: 1500,
+                memory_bytes: 7
+            }),
+            pb::Resources {
+                cpu: 1.5,
+                memory_bytes: 7
+            }
+        );
+    }
+
+    fn rate(unit: &str, amount: u64, per_ms: Option<u64>, burst: u64) -> pb::RateLimit {
+        pb::RateLimit {
+            unit: unit.into(),
+            amount,
+            per: per_ms.map(|ms| pb_duration(Duration::from_millis(ms))),
+            burst,
+        }
+    }
+
+    #[test]
+    fn pool_config_is_validated_and_burst_defaults_to_amount() {
+        let c = pool_config(
+            Some(pb::PoolConfig {
+                max_units: [("requests".to_owned(), 2)].into(),
+                rates: vec![
+                    rate("tokens", 90_000, Some(60_000), 0),
+                    rate("requests", 10, Some(1000), 20),
+                ],
+            }),
+            "config",
+        )
+        .unwrap();
+        assert_eq!(c.max_units, [("requests".to_owned(), 2)].into());
+        assert_eq!(
+            c.rates,
+            [
+                RateLimit {
+                    unit: "tokens".into(),
+                    amount: 90_000,
+                    per: Duration::from_secs(60),
+                    burst: 90_000
+                },
+                RateLimit {
+                    unit: "requests".into(),
+                    amount: 10,
+                    per: Duration::from_secs(1),
+                    burst: 20
+                }
+            ]
+        );
+        // Back to the wire unchanged (burst now explicit).
+        let raw = pb_pool_config(&c);
+        assert_eq!(pool_config(Some(raw), "config").unwrap(), c);
+
+        let bad = |c: pb::PoolConfig| field(pool_config(Some(c), "config").unwrap_err());
+        assert_eq!(bad(pb::PoolConfig::default()), "config");
+        assert_eq!(
+            field(pool_config(None, "config").unwrap_err()),
+            "config",
+            "a pool limits something"
+        );
+        assert_eq!(
+            bad(pb::PoolConfig {
+                max_units: [("requests".to_owned(), 0)].into(),
+                rates: vec![],
+            }),
+            "config.max_units[\"requests\"]"
+        );
+        assert_eq!(
+            bad(pb::PoolConfig {
+                max_units: [("no spaces".to_owned(), 1)].into(),
+                rates: vec![],
+            }),
+            "config.max_units[\"no spaces\"]"
+        );
+        for (r, want) in [
+            (rate("", 1, Some(1000), 0), "config.rates[1].unit"),
+            (rate("tokens", 0, Some(1000), 0), "config.rates[1].amount"),
+            (rate("tokens", 1, None, 0), "config.rates[1].per"),
+            (rate("tokens", 1, Some(0), 0), "config.rates[1].per"),
+        ] {
+            assert_eq!(
+                bad(pb::PoolConfig {
+                    max_units: Default::default(),
+                    rates: vec![rate("requests", 1, Some(1), 0), r],
+                }),
+                want
+            );
+        }
+        assert_eq!(
+            bad(pb::PoolConfig {
+                max_units: Default::default(),
+                rates: (0..17)
+                    .map(|_| rate("requests", 1, Some(1000), 0))
+                    .collect(),
+            }),
+            "config.rates"
+        );
+    }
+
+    #[test]
+    fn usage_reports_and_hello_resources() {
+        let usage = |units: &[(&str, u64)]| pb::WorkerReport {
+            job_id: "0190f1c2-0000-7000-8000-000000000000".into(),
+            attempt: 1,
+            kind: Some(pb::worker_report::Kind::Usage(pb::Usage {
+                units: units.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            })),
+        };
+        let r = report(usage(&[("tokens", 800), ("requests", 0)]), 0).unwrap();
+        match r.kind {
+            ReportKind::Usage(units) => assert_eq!(
+                units,
+                [("requests".to_owned(), 0), ("tokens".to_owned(), 800)].into()
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            field(report(usage(&[("Bad", 1)]), 2).unwrap_err()),
+            "reports[2].usage.units[\"Bad\"]"
+        );
+
+        let h = |resources| pb::WorkerHello {
+            worker_id: "w".into(),
+            queues: vec!["q".into()],
+            concurrency: 1,
+            resources,
+            ..Default::default()
+        };
+        assert_eq!(hello(h(None)).unwrap().resources, Resources::default());
+        assert_eq!(
+            hello(h(Some(pb::Resources {
+                cpu: 4.0,
+                memory_bytes: 8 << 30
+            })))
+            .unwrap()
+            .resources,
+            Resources {
+                cpu_millis: 4000,
+                memory_bytes: 8 << 30
+            }
+        );
+        assert_eq!(
+            field(
+                hello(h(Some(pb::Resources {
+                    cpu: -1.0,
+                    memory_bytes: 0
+                })))
+                .unwrap_err()
+            ),
+            "hello.resources.cpu"
+        );
+    }
 }

@@ -1,13 +1,15 @@
-//! Admin commands: `queues ls`, `queues set`, `workers ls`, `workers drain`.
+//! Admin commands: `queues ls|set`, `pools ls|get|set|rm`, `workers ls|drain`.
 
 use std::time::Duration;
 
-use clap::{Args, Subcommand};
-use jobplane::QueueConfig;
-use serde_json::Value;
+use clap::{ArgGroup, Args, Subcommand};
+use jobplane::{PoolConfig, QueueConfig, RateLimit};
+use serde_json::{json, Value};
 
 use super::render::{self, print_json, print_text};
-use super::{parse_duration, CliError, ConnArgs, Outcome, OutputArgs, OutputFormat};
+use super::{
+    parse_duration, parse_unit_amount, CliError, ConnArgs, Outcome, OutputArgs, OutputFormat,
+};
 
 /// `jobplane queues …`.
 #[derive(Debug, Subcommand)]
@@ -54,6 +56,93 @@ pub struct QueuesSetArgs {
     pub conn: ConnArgs,
     #[command(flatten)]
     pub out: OutputArgs,
+}
+
+/// `jobplane pools …`.
+#[derive(Debug, Subcommand)]
+pub enum PoolsCommand {
+    /// Lists capacity pools with their limits and units in use.
+    Ls(PoolsLsArgs),
+    /// Prints a pool: limits, units in use, tokens, waiting jobs, cooldown.
+    Get(PoolArgs),
+    /// Creates a pool or replaces its limits: the limits given are all the pool has.
+    #[command(group(ArgGroup::new("limits").required(true).multiple(true).args(["max_units", "rates"])))]
+    Set(PoolsSetArgs),
+    /// Deletes a pool (refused while jobs hold or wait for it).
+    Rm(PoolArgs),
+}
+
+/// Arguments of `jobplane pools ls`.
+#[derive(Debug, Args)]
+pub struct PoolsLsArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// Arguments of `jobplane pools get` and `jobplane pools rm`.
+#[derive(Debug, Args)]
+pub struct PoolArgs {
+    /// Pool name.
+    pub name: String,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// Arguments of `jobplane pools set`.
+#[derive(Debug, Args)]
+pub struct PoolsSetArgs {
+    /// Pool name.
+    pub name: String,
+    /// Most units of UNIT held at once by running jobs, e.g. `requests=2` (repeatable).
+    #[arg(long = "max-units", value_name = "UNIT=N", value_parser = parse_unit_amount)]
+    pub max_units: Vec<(String, u64)>,
+    /// Rate limit: N units of UNIT per DURATION, at most B at once (default N), e.g.
+    /// `tokens=90000/1m` or `requests=10/1s:burst=20` (repeatable).
+    #[arg(long = "rate", value_name = "UNIT=N/DURATION[:burst=B]", value_parser = parse_rate)]
+    pub rates: Vec<RateLimit>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// Parses `UNIT=N/DURATION[:burst=B]`; a bare unit of time counts one of it (`10/s` = `10/1s`).
+pub fn parse_rate(s: &str) -> Result<RateLimit, String> {
+    let usage = "expected UNIT=N/DURATION[:burst=B], e.g. tokens=90000/1m";
+    let (rate, burst) = match s.split_once(':') {
+        Some((rate, opt)) => {
+            let b = opt
+                .trim()
+                .strip_prefix("burst=")
+                .ok_or_else(|| format!("{usage}; got `{s}`: unknown option `{opt}`"))?;
+            let b = b
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| format!("{usage}; got `{s}`: burst `{b}` is not a whole number"))?;
+            (rate, Some(b))
+        }
+        None => (s, None),
+    };
+    let (amount, per) = rate
+        .split_once('/')
+        .ok_or_else(|| format!("{usage}; got `{s}`: `/DURATION` is missing"))?;
+    let (unit, amount) = parse_unit_amount(amount).map_err(|e| format!("{usage}; {e}"))?;
+    let per = per.trim();
+    let per = if per.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        parse_duration(&format!("1{per}"))
+    } else {
+        parse_duration(per)
+    }
+    .map_err(|e| format!("{usage}; {e}"))?;
+    let mut rate = RateLimit::new(unit, amount, per);
+    if let Some(b) = burst {
+        rate = rate.burst(b);
+    }
+    Ok(rate)
 }
 
 /// `jobplane workers …`.
@@ -145,6 +234,65 @@ fn apply(mut config: QueueConfig, args: &QueuesSetArgs) -> QueueConfig {
     config
 }
 
+/// `jobplane pools …`.
+pub async fn pools(command: PoolsCommand) -> Result<Outcome, CliError> {
+    match command {
+        PoolsCommand::Ls(args) => {
+            let client = args.conn.connect().await?;
+            let pools = client.list_pools().await?;
+            match args.out.output {
+                OutputFormat::Json => print_json(&Value::Array(
+                    pools.iter().map(render::pool_value).collect(),
+                )),
+                OutputFormat::Table => print_text(&render::pools_table(&pools)),
+            }
+        }
+        PoolsCommand::Get(args) => {
+            let client = args.conn.connect().await?;
+            let pool = client.get_pool(&args.name).await?;
+            match args.out.output {
+                OutputFormat::Json => print_json(&render::pool_value(&pool)),
+                OutputFormat::Table => print_text(&render::pool_table(&pool)),
+            }
+        }
+        PoolsCommand::Set(args) => {
+            let client = args.conn.connect().await?;
+            let pool = client
+                .configure_pool(&args.name, pool_config(&args))
+                .await?;
+            match args.out.output {
+                OutputFormat::Json => print_json(&render::pool_value(&pool)),
+                OutputFormat::Table => print_text(&render::pool_table(&pool)),
+            }
+        }
+        PoolsCommand::Rm(args) => {
+            let client = args.conn.connect().await?;
+            client.delete_pool(&args.name).await?;
+            match args.out.output {
+                OutputFormat::Json => print_json(&json!({
+                    "namespace": client.namespace(),
+                    "name": args.name,
+                    "deleted": true,
+                })),
+                OutputFormat::Table => print_text(&format!("deleted pool {}\n", args.name)),
+            }
+        }
+    }
+    Ok(Outcome::Success)
+}
+
+/// The settings `pools set` gives a pool: exactly the limits on the command line.
+fn pool_config(args: &PoolsSetArgs) -> PoolConfig {
+    let mut config = PoolConfig::new();
+    for (unit, n) in &args.max_units {
+        config = config.max_units(unit.clone(), *n);
+    }
+    for rate in &args.rates {
+        config = config.rate(rate.clone());
+    }
+    config
+}
+
 /// `jobplane workers …`.
 pub async fn workers(command: WorkersCommand) -> Result<Outcome, CliError> {
     match command {
@@ -227,5 +375,83 @@ mod tests {
         assert_eq!(config.max_depth, None);
         let policy = config.default_retry_policy.unwrap();
         assert_eq!((policy.max_retries, policy.multiplier), (5, Some(3.0)));
+    }
+
+    #[test]
+    fn rates_parse() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(
+            parse_rate("tokens=90000/1m").unwrap(),
+            RateLimit::new("tokens", 90_000, minute)
+        );
+        assert_eq!(
+            parse_rate("requests=10/1s:burst=20").unwrap(),
+            RateLimit::new("requests", 10, Duration::from_secs(1)).burst(20)
+        );
+        assert_eq!(
+            parse_rate("requests=10/s").unwrap(),
+            RateLimit::new("requests", 10, Duration::from_secs(1))
+        );
+        assert_eq!(
+            parse_rate("tokens=5/100ms").unwrap(),
+            RateLimit::new("tokens", 5, Duration::from_millis(100))
+        );
+        for bad in [
+            "tokens=90000",
+            "tokens/1m",
+            "=5/1m",
+            "tokens=x/1m",
+            "tokens=5/soon",
+            "tokens=5/1m:burst=",
+            "tokens=5/1m:bursty=3",
+            "tokens=5/1m:burst=-1",
+        ] {
+            let e = parse_rate(bad).unwrap_err();
+            assert!(e.contains("UNIT=N/DURATION"), "{bad}: {e}");
+        }
+    }
+
+    fn pools_set_args(flags: &[&str]) -> Result<PoolsSetArgs, clap::Error> {
+        let cli = crate::cli::Cli::try_parse_from(
+            ["jobplane", "pools", "set", "gpt-4o"]
+                .into_iter()
+                .chain(flags.iter().copied()),
+        )?;
+        match cli.command {
+            crate::cli::Command::Pools {
+                command: PoolsCommand::Set(args),
+            } => Ok(args),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pools_set_takes_exactly_the_limits_given() {
+        let args = pools_set_args(&[
+            "--max-units",
+            "requests=2",
+            "--rate",
+            "tokens=90000/1m",
+            "--max-units",
+            "tokens=50000",
+        ])
+        .unwrap();
+        let config = pool_config(&args);
+        assert_eq!(
+            config,
+            PoolConfig::new()
+                .max_units("requests", 2)
+                .max_units("tokens", 50_000)
+                .rate(RateLimit::new("tokens", 90_000, Duration::from_secs(60)))
+        );
+        // Without any limit there is nothing to set: a usage error.
+        let e = pools_set_args(&[]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        // Bad values are usage errors that name the flag.
+        let e = pools_set_args(&["--rate", "tokens=1/x"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("--rate"), "{e}");
+        let e = pools_set_args(&["--max-units", "requests"]).unwrap_err();
+        assert!(e.to_string().contains("--max-units"), "{e}");
     }
 }

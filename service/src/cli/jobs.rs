@@ -7,12 +7,17 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use jobplane::{EventKind, Job, JobSpec, JobState, ListFilter, OutputStream, WaitMode};
+use jobplane::{
+    EventKind, Job, JobSpec, JobState, ListFilter, OutputStream, PoolRequest, WaitMode,
+};
 use serde_json::Value;
 use tokio::time::Instant;
 
 use super::render::{self, print_json, print_text};
-use super::{parse_duration, parse_label, CliError, ConnArgs, Outcome, OutputArgs, OutputFormat};
+use super::{
+    parse_cpu, parse_duration, parse_label, parse_size, parse_unit_amount, CliError, ConnArgs,
+    Outcome, OutputArgs, OutputFormat,
+};
 
 /// Longest single wait call; longer waits are made of several calls (the service caps one at 1h).
 const WAIT_CHUNK: Duration = Duration::from_secs(600);
@@ -46,10 +51,64 @@ pub struct SubmitArgs {
     /// Label `KEY=VALUE` (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Capacity pool to take units from while running, e.g. `gpt-4o:tokens=1200@5s`: units
+    /// default to `requests=1`, `@MAXWAIT` is how long to wait for it before the next `--pool`
+    /// is also tried (none: without bound; `0s`: fail fast). Repeatable, in fallback order.
+    #[arg(long = "pool", value_name = "NAME[:UNIT=N[,UNIT=N]...][@MAXWAIT]", value_parser = parse_pool_request)]
+    pub pools: Vec<PoolRequest>,
+    /// CPU the job holds on its worker, in cores (e.g. `2`, `0.5`).
+    #[arg(long, value_name = "N", value_parser = parse_cpu, allow_negative_numbers = true)]
+    pub cpu: Option<f64>,
+    /// Memory the job holds on its worker (e.g. `512Mi`, `2G`, `1024`).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Worker label the job needs, `KEY=VALUE` (repeatable).
+    #[arg(long = "selector", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub selector: Vec<(String, String)>,
     #[command(flatten)]
     pub conn: ConnArgs,
     #[command(flatten)]
     pub out: OutputArgs,
+}
+
+/// Parses `NAME[:UNIT=N[,UNIT=N]...][@MAXWAIT]`. A pool name may itself contain `:`: the units
+/// start after the last `:` before the first `=`.
+pub fn parse_pool_request(s: &str) -> Result<PoolRequest, String> {
+    let usage = "expected NAME[:UNIT=N[,UNIT=N]...][@MAXWAIT], e.g. gpt-4o:tokens=1200@5s";
+    let (rest, max_wait) = match s.rsplit_once('@') {
+        Some((rest, wait)) => {
+            let wait = parse_duration(wait.trim()).map_err(|e| format!("{usage}; {e}"))?;
+            (rest, Some(wait))
+        }
+        None => (s, None),
+    };
+    let (name, units) = match rest.find('=') {
+        None => (rest, None),
+        Some(eq) => match rest[..eq].rfind(':') {
+            Some(colon) => (&rest[..colon], Some(&rest[colon + 1..])),
+            None => {
+                return Err(format!(
+                    "{usage}; got `{s}`: units come after the pool name and a `:`"
+                ))
+            }
+        },
+    };
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(format!("{usage}; got `{s}`: the pool name is missing"));
+    }
+    let mut request = PoolRequest::new(name);
+    for unit in units.into_iter().flat_map(|u| u.split(',')) {
+        let (unit, n) = parse_unit_amount(unit).map_err(|e| format!("{usage}; {e}"))?;
+        if request.units.contains_key(&unit) {
+            return Err(format!("{usage}; got `{s}`: unit `{unit}` is given twice"));
+        }
+        request = request.units(unit, n);
+    }
+    if let Some(wait) = max_wait {
+        request = request.max_wait(wait);
+    }
+    Ok(request)
 }
 
 /// Arguments of `jobplane get`.
@@ -212,6 +271,18 @@ pub async fn submit(args: SubmitArgs) -> Result<Outcome, CliError> {
     }
     for (k, v) in &args.labels {
         spec = spec.label(k.clone(), v.clone());
+    }
+    for pool in &args.pools {
+        spec = spec.pool(pool.clone());
+    }
+    if let Some(cpu) = args.cpu {
+        spec = spec.cpu(cpu);
+    }
+    if let Some(memory) = args.memory {
+        spec = spec.memory_bytes(memory);
+    }
+    for (k, v) in &args.selector {
+        spec = spec.selector(k.clone(), v.clone());
     }
     let client = args.conn.connect().await?;
     let submitted = client.submit(spec).await?;
@@ -492,4 +563,109 @@ async fn list(args: ListArgs) -> Result<Outcome, CliError> {
         OutputFormat::Table => print_text(&render::jobs_table(&jobs)),
     }
     Ok(Outcome::Success)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn pool_requests_parse() {
+        let secs = Duration::from_secs;
+        for (s, want) in [
+            ("gpt-4o", PoolRequest::new("gpt-4o")),
+            (
+                "gpt-4o:tokens=1200@5s",
+                PoolRequest::new("gpt-4o")
+                    .units("tokens", 1200)
+                    .max_wait(secs(5)),
+            ),
+            (
+                "gpt-4o-mini@0s",
+                PoolRequest::new("gpt-4o-mini").max_wait(Duration::ZERO),
+            ),
+            (
+                "gpt-4o:requests=1,tokens=1200",
+                PoolRequest::new("gpt-4o")
+                    .units("requests", 1)
+                    .units("tokens", 1200),
+            ),
+            // Names may contain `:`.
+            ("openai:gpt-4o", PoolRequest::new("openai:gpt-4o")),
+            (
+                "openai:gpt-4o:tokens=5@1m 30s",
+                PoolRequest::new("openai:gpt-4o")
+                    .units("tokens", 5)
+                    .max_wait(secs(90)),
+            ),
+        ] {
+            assert_eq!(parse_pool_request(s), Ok(want), "{s}");
+        }
+        for bad in [
+            "",
+            "@5s",
+            ":tokens=1",
+            "tokens=1",
+            "p:tokens=",
+            "p:tokens=x",
+            "p:tokens=1,",
+            "p:tokens=1,tokens=2",
+            "p@soon",
+            "p:tokens=1@",
+        ] {
+            let e = parse_pool_request(bad).unwrap_err();
+            assert!(e.contains("expected NAME"), "{bad}: {e}");
+        }
+    }
+
+    fn submit_args(flags: &[&str]) -> Result<SubmitArgs, clap::Error> {
+        let cli = crate::cli::Cli::try_parse_from(
+            ["jobplane", "submit", "q"]
+                .into_iter()
+                .chain(flags.iter().copied()),
+        )?;
+        match cli.command {
+            crate::cli::Command::Submit(args) => Ok(args),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn submit_takes_the_demand() {
+        let args = submit_args(&[
+            "--pool",
+            "gpt-4o:tokens=1200@5s",
+            "--pool",
+            "gpt-4o-mini@0s",
+            "--cpu",
+            "0.5",
+            "--memory",
+            "512Mi",
+            "--selector",
+            "gpu=a100",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.pools
+                .iter()
+                .map(|p| p.pool.as_str())
+                .collect::<Vec<_>>(),
+            ["gpt-4o", "gpt-4o-mini"],
+            "in fallback order"
+        );
+        assert_eq!(args.cpu, Some(0.5));
+        assert_eq!(args.memory, Some(512 << 20));
+        assert_eq!(args.selector, [("gpu".to_owned(), "a100".to_owned())]);
+        for (flag, value) in [
+            ("--pool", "p:tokens=x"),
+            ("--cpu", "-1"),
+            ("--memory", "lots"),
+            ("--selector", "novalue"),
+        ] {
+            let e = submit_args(&[flag, value]).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{flag} {value}");
+            assert!(e.to_string().contains(flag), "{flag} {value}: {e}");
+        }
+    }
 }

@@ -63,6 +63,11 @@ pub enum Command {
         #[command(subcommand)]
         command: admin::QueuesCommand,
     },
+    /// Inspects and configures capacity pools.
+    Pools {
+        #[command(subcommand)]
+        command: admin::PoolsCommand,
+    },
     /// Inspects and drains workers.
     Workers {
         #[command(subcommand)]
@@ -158,6 +163,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Watch(args) => jobs::watch(args).await,
         Command::Jobs { command } => jobs::jobs(command).await,
         Command::Queues { command } => admin::queues(command).await,
+        Command::Pools { command } => admin::pools(command).await,
         Command::Workers { command } => admin::workers(command).await,
         Command::Worker(args) => worker::run(args).await,
     };
@@ -182,6 +188,76 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err(format!("expected KEY=VALUE, got `{s}`")),
     }
+}
+
+/// Parses `UNIT=N` (a pool unit and a whole amount).
+pub fn parse_unit_amount(s: &str) -> Result<(String, u64), String> {
+    let (unit, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected UNIT=N, got `{s}`"))?;
+    let unit = unit.trim();
+    if unit.is_empty() {
+        return Err(format!("expected UNIT=N, got `{s}`: the unit is missing"));
+    }
+    let n = n
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| format!("expected UNIT=N, got `{s}`: `{n}` is not a whole number"))?;
+    Ok((unit.to_owned(), n))
+}
+
+/// Parses a number of CPU cores (`2`, `0.5`).
+pub fn parse_cpu(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(c) if c.is_finite() && c >= 0.0 => Ok(c),
+        _ => Err(format!(
+            "expected a number of cores such as 2 or 0.5, got `{s}`"
+        )),
+    }
+}
+
+/// Parses a size in bytes: `1024`, `512Mi`, `2G`, `1.5GiB`. `K M G T P E` are powers of 1000,
+/// `Ki Mi Gi Ti Pi Ei` powers of 1024 (as Kubernetes spells them); a trailing `B` is allowed
+/// and case does not matter. A fractional size is rounded up to a whole byte.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = |why: &str| format!("invalid size `{s}`: {why} (e.g. 1024, 512Mi, 2G)");
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    if num.is_empty() {
+        return Err(bad("a number must come first"));
+    }
+    let suffix = suffix.trim().to_ascii_lowercase();
+    let suffix = suffix.strip_suffix('b').unwrap_or(&suffix);
+    let (power, binary) = match suffix.strip_suffix('i') {
+        Some(p) if !p.is_empty() => (p, true),
+        Some(_) => return Err(bad("unknown unit")),
+        None => (suffix, false),
+    };
+    let exp = match power {
+        "" if !binary => 0,
+        "k" => 1,
+        "m" => 2,
+        "g" => 3,
+        "t" => 4,
+        "p" => 5,
+        "e" => 6,
+        _ => return Err(bad("unknown unit")),
+    };
+    let base: u64 = if binary { 1024 } else { 1000 };
+    let mult = base.pow(exp);
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mult).ok_or_else(|| bad("too large"));
+    }
+    let n: f64 = num.parse().map_err(|_| bad("not a number"))?;
+    let bytes = (n * mult as f64).ceil();
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(bad("too large"));
+    }
+    // Finite, non-negative and below u64::MAX: the cast is exact enough.
+    Ok(bytes as u64)
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -289,6 +365,32 @@ mod tests {
                 "--paused",
                 "true",
             ],
+            &["pools", "ls"],
+            &["pools", "get", "gpt-4o", "--output", "json"],
+            &["pools", "rm", "gpt-4o"],
+            &[
+                "pools",
+                "set",
+                "gpt-4o",
+                "--max-units",
+                "requests=2",
+                "--rate",
+                "tokens=90000/1m",
+            ],
+            &[
+                "submit",
+                "q",
+                "--pool",
+                "gpt-4o:tokens=1200@5s",
+                "--pool",
+                "gpt-4o-mini@0s",
+                "--cpu",
+                "2",
+                "--memory",
+                "2G",
+                "--selector",
+                "k=v",
+            ],
             &["workers", "ls"],
             &["workers", "drain", "w1"],
             &[
@@ -340,5 +442,55 @@ mod tests {
         assert_eq!(parse_label("a=b=c").unwrap(), ("a".into(), "b=c".into()));
         assert!(parse_label("=x").is_err());
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert_eq!(
+            parse_unit_amount("tokens=1200").unwrap(),
+            ("tokens".into(), 1200)
+        );
+        for bad in ["tokens", "=3", "tokens=", "tokens=-1", "tokens=1.5"] {
+            assert!(parse_unit_amount(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_cpu("0.5").unwrap(), 0.5);
+        assert_eq!(parse_cpu("2").unwrap(), 2.0);
+        for bad in ["-1", "NaN", "inf", "two", ""] {
+            assert!(parse_cpu(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse() {
+        for (s, n) in [
+            ("1024", 1024),
+            ("0", 0),
+            ("1024B", 1024),
+            ("512Mi", 512 << 20),
+            ("512MiB", 512 << 20),
+            ("512mi", 512 << 20),
+            ("2G", 2_000_000_000),
+            ("2GB", 2_000_000_000),
+            ("1Ki", 1024),
+            ("1k", 1000),
+            ("1.5Gi", 3 << 29),
+            ("0.5K", 500),
+            ("1.0001K", 1001),
+            ("3Ti", 3 << 40),
+            ("1Ei", 1 << 60),
+            (" 7 Mi ", 7 << 20),
+        ] {
+            assert_eq!(parse_size(s), Ok(n), "{s}");
+        }
+        for bad in [
+            "",
+            "Mi",
+            "12X",
+            "1i",
+            "1.2.3G",
+            "-1",
+            "16Ei",
+            "1e3",
+            "99999999999999999999",
+        ] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(e.contains("invalid size"), "{bad}: {e}");
+        }
     }
 }

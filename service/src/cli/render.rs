@@ -3,7 +3,9 @@
 use std::io::Write;
 use std::time::{Duration, SystemTime};
 
-use jobplane::{EventKind, Job, JobEvent, QueueInfo, RetryPolicy, WorkerInfo};
+use jobplane::{
+    EventKind, Job, JobEvent, PoolInfo, PoolRequest, QueueInfo, Resources, RetryPolicy, WorkerInfo,
+};
 use serde_json::{json, Map, Value};
 
 /// RFC 3339 with milliseconds, UTC.
@@ -51,6 +53,40 @@ fn retry_policy_value(p: &RetryPolicy) -> Value {
     })
 }
 
+/// A pool request as JSON.
+fn pool_request_value(r: &PoolRequest) -> Value {
+    json!({
+        "pool": r.pool,
+        "units": r.units,
+        "max_wait": opt_duration(r.max_wait),
+    })
+}
+
+/// A pool request as the `--pool` flag spells it: `gpt-4o:tokens=1200@5s`.
+fn pool_request_text(r: &PoolRequest) -> String {
+    let mut s = r.pool.clone();
+    if !r.units.is_empty() {
+        let units: Vec<String> = r.units.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        s.push(':');
+        s.push_str(&units.join(","));
+    }
+    if let Some(w) = r.max_wait {
+        s.push('@');
+        s.push_str(&duration(w));
+    }
+    s
+}
+
+/// Resources as JSON: `{"cpu": cores, "memory_bytes": n}`.
+fn resources_value(r: &Resources) -> Value {
+    json!({"cpu": r.cpu, "memory_bytes": r.memory_bytes})
+}
+
+/// Resources for people: `cpu=0.5 memory=536870912`.
+fn resources_text(r: &Resources) -> String {
+    format!("cpu={} memory={}", r.cpu, r.memory_bytes)
+}
+
 /// A job as JSON.
 pub fn job_value(job: &Job) -> Map<String, Value> {
     let mut m = Map::new();
@@ -76,6 +112,20 @@ pub fn job_value(job: &Job) -> Map<String, Value> {
         ),
     );
     m.insert("waiting_for".into(), json!(job.waiting_for));
+    m.insert("pool".into(), json!(job.pool));
+    m.insert(
+        "pools".into(),
+        Value::Array(job.pools.iter().map(pool_request_value).collect()),
+    );
+    m.insert(
+        "resources".into(),
+        if job.resources.is_zero() {
+            Value::Null
+        } else {
+            resources_value(&job.resources)
+        },
+    );
+    m.insert("selector".into(), json!(job.selector));
     m.insert("progress".into(), json!(job.progress));
     m.insert("worker_id".into(), json!(job.worker_id));
     m.insert("cancel_requested".into(), json!(job.cancel_requested));
@@ -113,6 +163,24 @@ pub fn job_table(job: &Job, extra: &[(&str, String)]) -> String {
     }
     if let Some(w) = &job.waiting_for {
         rows.push(("waiting for", w.clone()));
+    }
+    if !job.pools.is_empty() {
+        let pools: Vec<String> = job.pools.iter().map(pool_request_text).collect();
+        rows.push(("pools", pools.join(" ")));
+    }
+    if let Some(p) = &job.pool {
+        rows.push(("pool", p.clone()));
+    }
+    if !job.resources.is_zero() {
+        rows.push(("resources", resources_text(&job.resources)));
+    }
+    if !job.selector.is_empty() {
+        let selector: Vec<String> = job
+            .selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        rows.push(("selector", selector.join(",")));
     }
     if job.progress > 0.0 && !job.is_terminal() {
         rows.push(("progress", format!("{:.0}%", job.progress)));
@@ -321,6 +389,8 @@ pub fn worker_value(w: &WorkerInfo) -> Value {
         "connected": w.connected,
         "labels": w.labels,
         "lease_expires_at": opt_time(w.lease_expires_at),
+        "resources": resources_value(&w.resources),
+        "resources_in_use": resources_value(&w.resources_in_use),
     })
 }
 
@@ -364,6 +434,18 @@ pub fn worker_table(w: &WorkerInfo) -> String {
         ("status", worker_status(w).to_owned()),
         ("labels", labels.join(",")),
         (
+            "resources",
+            if w.resources.is_zero() {
+                String::new()
+            } else {
+                format!(
+                    "{} (in use: {})",
+                    resources_text(&w.resources),
+                    resources_text(&w.resources_in_use)
+                )
+            },
+        ),
+        (
             "lease expires",
             w.lease_expires_at.map(time).unwrap_or_default(),
         ),
@@ -371,6 +453,134 @@ pub fn worker_table(w: &WorkerInfo) -> String {
     let mut out = String::new();
     for (k, v) in rows.into_iter().filter(|(_, v)| !v.is_empty()) {
         out.push_str(&format!("{k:<13}  {v}\n"));
+    }
+    out
+}
+
+/// A pool as JSON: its limits, units in use, tokens, waiting jobs and cooldown.
+pub fn pool_value(p: &PoolInfo) -> Value {
+    json!({
+        "namespace": p.namespace,
+        "name": p.name,
+        "config": {
+            "max_units": p.config.max_units,
+            "rates": p.config.rates.iter().map(|r| json!({
+                "unit": r.unit,
+                "amount": r.amount,
+                "per": duration(r.per),
+                "burst": r.burst.unwrap_or(r.amount),
+            })).collect::<Vec<_>>(),
+        },
+        "in_use": p.in_use,
+        "tokens": p.tokens,
+        "running": p.running,
+        "waiting": p.waiting,
+        "cooldown_until": opt_time(p.cooldown_until),
+        "epoch": p.epoch,
+    })
+}
+
+/// A pool's max units: `requests=2,tokens=50000`.
+fn max_units_text(p: &PoolInfo) -> String {
+    let v: Vec<String> = p
+        .config
+        .max_units
+        .iter()
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    v.join(",")
+}
+
+/// A pool's rates as `pools set --rate` spells them: `tokens=90000/1m:burst=100000`.
+fn rates_text(p: &PoolInfo) -> String {
+    let v: Vec<String> = p
+        .config
+        .rates
+        .iter()
+        .map(|r| {
+            let mut s = format!("{}={}/{}", r.unit, r.amount, duration(r.per));
+            if let Some(b) = r.burst.filter(|b| *b != r.amount) {
+                s.push_str(&format!(":burst={b}"));
+            }
+            s
+        })
+        .collect();
+    v.join(",")
+}
+
+/// Units in use against the max: `requests=1/2,tokens=1200/50000`.
+fn in_use_text(p: &PoolInfo) -> String {
+    let v: Vec<String> = p
+        .in_use
+        .iter()
+        .map(|(k, n)| match p.config.max_units.get(k) {
+            Some(max) => format!("{k}={n}/{max}"),
+            None => format!("{k}={n}"),
+        })
+        .collect();
+    v.join(",")
+}
+
+/// One row per pool.
+pub fn pools_table(pools: &[PoolInfo]) -> String {
+    let dash = |s: String| if s.is_empty() { "-".to_owned() } else { s };
+    let rows = pools
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                dash(max_units_text(p)),
+                dash(rates_text(p)),
+                dash(in_use_text(p)),
+                p.running.to_string(),
+                p.waiting.to_string(),
+                p.cooldown_until.map_or_else(|| "-".to_owned(), time),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "MAX-UNITS",
+            "RATES",
+            "IN-USE",
+            "RUNNING",
+            "WAITING",
+            "COOLDOWN-UNTIL",
+        ],
+        rows,
+    )
+}
+
+/// A pool as `key  value` lines.
+pub fn pool_table(p: &PoolInfo) -> String {
+    let tokens: Vec<String> = p
+        .config
+        .rates
+        .iter()
+        .zip(&p.tokens)
+        .map(|(r, t)| format!("{}={t:.0}", r.unit))
+        .collect();
+    let mut rows: Vec<(&str, String)> = vec![
+        ("name", p.name.clone()),
+        ("max units", max_units_text(p)),
+        ("rates", rates_text(p)),
+        ("in use", in_use_text(p)),
+        ("tokens", tokens.join(",")),
+        ("running", p.running.to_string()),
+        ("waiting", p.waiting.to_string()),
+        (
+            "cooldown until",
+            p.cooldown_until.map(time).unwrap_or_default(),
+        ),
+        ("epoch", p.epoch.to_string()),
+    ];
+    if p.namespace != jobplane::DEFAULT_NAMESPACE {
+        rows.push(("namespace", p.namespace.clone()));
+    }
+    let mut out = String::new();
+    for (k, v) in rows.into_iter().filter(|(_, v)| !v.is_empty()) {
+        out.push_str(&format!("{k:<14}  {v}\n"));
     }
     out
 }
@@ -447,6 +657,19 @@ mod tests {
     fn times_are_rfc3339() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
         assert_eq!(time(t), "2023-11-14T22:13:20.123Z");
+    }
+
+    #[test]
+    fn pool_requests_print_as_the_flag_spells_them() {
+        let r = PoolRequest::new("gpt-4o")
+            .units("tokens", 1200)
+            .max_wait(Duration::from_secs(5));
+        assert_eq!(pool_request_text(&r), "gpt-4o:tokens=1200@5s");
+        assert_eq!(pool_request_text(&PoolRequest::new("p")), "p");
+        assert_eq!(
+            pool_request_value(&r),
+            json!({"pool": "gpt-4o", "units": {"tokens": 1200}, "max_wait": "5s"})
+        );
     }
 
     #[test]
