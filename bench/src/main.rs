@@ -10,7 +10,12 @@
 //!    is SUCCEEDED (confirmed by WaitJobs);
 //! 2. unbatched: concurrent single `SubmitJob` calls, same measure;
 //! 3. latency at low load: one job at a time; submit → handler start, and handler end →
-//!    WaitJob return (the wake-up path).
+//!    WaitJob return (the wake-up path);
+//! 4. pools: a job holding a pool's only unit ends → the waiting job's handler starts;
+//!    throughput and utilisation of a pool of 8 units with 1,000 waiting jobs; the scheduler's
+//!    own cost per decision with 100,000 waiting jobs across 100 pools (no network).
+
+mod pools;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -49,6 +54,21 @@ struct Args {
     /// Jobs in the latency phase.
     #[arg(long, default_value_t = 1000)]
     latency_jobs: usize,
+    /// Rounds of the pool release → wake phase.
+    #[arg(long, default_value_t = 500)]
+    pool_wake_rounds: usize,
+    /// Jobs of the pool throughput phase.
+    #[arg(long, default_value_t = 1000)]
+    pool_jobs: usize,
+    /// Units of the pool in the throughput phase.
+    #[arg(long, default_value_t = 8)]
+    pool_limit: u64,
+    /// How long each job of the pool throughput phase holds its unit, in milliseconds.
+    #[arg(long, default_value_t = 10)]
+    pool_work_ms: u64,
+    /// Waiting jobs of the scheduler decision-cost phase (spread over 100 pools).
+    #[arg(long, default_value_t = 100_000)]
+    sched_jobs: usize,
 }
 
 #[derive(Default)]
@@ -246,6 +266,37 @@ async fn main() -> anyhow::Result<()> {
         ms(&wake, 0.99)
     );
 
+    eprintln!("pools: release -> wake, {} rounds", args.pool_wake_rounds);
+    let pool_wake = pools::release_wake(&client, &addr, args.pool_wake_rounds).await?;
+    eprintln!(
+        "  holder's handler returns -> waiter's handler starts p50 {:.3} ms p99 {:.3} ms",
+        ms(&pool_wake, 0.5),
+        ms(&pool_wake, 0.99)
+    );
+    eprintln!(
+        "pools: {} jobs of {} ms through a pool of {} units",
+        args.pool_jobs, args.pool_work_ms, args.pool_limit
+    );
+    let (pool_tput, pool_util) = pools::pool_throughput(
+        &client,
+        &addr,
+        args.pool_jobs,
+        args.pool_limit,
+        Duration::from_millis(args.pool_work_ms),
+    )
+    .await?;
+    eprintln!(
+        "  {pool_tput:.0} jobs/s, utilisation {:.1}% (ideal {:.0} jobs/s)",
+        pool_util * 100.0,
+        args.pool_limit as f64 * 1000.0 / args.pool_work_ms as f64
+    );
+    eprintln!(
+        "scheduler alone: {} waiting jobs over 100 pools",
+        args.sched_jobs
+    );
+    let (enqueue_us, decide_us) = pools::decision_cost(args.sched_jobs, 100);
+    eprintln!("  enqueue {enqueue_us:.2} us/job, release + dispatch decision {decide_us:.2} us");
+
     for w in workers {
         w.stop().await?;
     }
@@ -266,6 +317,12 @@ async fn main() -> anyhow::Result<()> {
         "wait_wake_p99_ms": ms(&wake, 0.99),
         "submit_rtt_p50_ms": ms(&submit_rtt, 0.5),
         "submit_rtt_p99_ms": ms(&submit_rtt, 0.99),
+        "pool_wake_p50_ms": ms(&pool_wake, 0.5),
+        "pool_wake_p99_ms": ms(&pool_wake, 0.99),
+        "pool_jobs_per_sec": pool_tput.round(),
+        "pool_utilisation": (pool_util * 1000.0).round() / 1000.0,
+        "sched_enqueue_us": (enqueue_us * 100.0).round() / 100.0,
+        "sched_decision_us": (decide_us * 100.0).round() / 100.0,
     });
     println!("{out}");
     Ok(())

@@ -10,7 +10,7 @@ mod core;
 pub mod error;
 pub mod hub;
 pub mod model;
-pub(crate) mod scheduler;
+pub mod scheduler;
 pub mod state;
 mod timers;
 

@@ -61,7 +61,7 @@ pub(crate) struct Rank {
 
 /// A decision for the engine to carry out.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Decision {
+pub enum Decision {
     /// Start `attempt` of `job` on `worker`. Its queue slot, worker slot, resources and pool
     /// units are held from now until [`Scheduler::release`].
     Dispatch {
@@ -391,41 +391,60 @@ type TimerKey = (Instant, u64);
 
 /// Live figures of a pool.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct PoolFigures {
+pub struct PoolFigures {
+    /// Units held by running attempts (every limited unit, and any other unit held).
     pub in_use: BTreeMap<Unit, u64>,
+    /// Tokens in each rate limit's bucket, in the order of the config's `rates`.
     pub tokens: Vec<f64>,
+    /// Attempts holding units.
     pub running: u64,
+    /// Waiting jobs that ask for the pool.
     pub waiting: u64,
+    /// End of the current cooldown, if one is running.
     pub cooldown_until: Option<Instant>,
+    /// Cooldowns started so far.
     pub epoch: u64,
 }
 
 /// How a worker's slots and resources are used.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct WorkerFigures {
+pub struct WorkerFigures {
+    /// Slots held (attempts, including ones the service ended that the worker still runs).
     pub used_slots: u32,
+    /// CPU and memory held.
     pub resources_in_use: Resources,
 }
 
 /// A worker as the scheduler sees it.
 #[derive(Debug, Clone)]
-pub(crate) struct WorkerSpec {
+pub struct WorkerSpec {
+    /// Queues it serves.
     pub queues: Vec<QueueKey>,
+    /// Attempts it runs at once.
     pub slots: u32,
+    /// CPU and memory it offers.
     pub resources: Resources,
+    /// Its labels, for selectors.
     pub labels: BTreeMap<String, String>,
 }
 
 /// Why a pool cannot be deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DeletePoolError {
+pub enum DeletePoolError {
+    /// There is no such pool.
     NotFound,
-    InUse { running: u64, asked_by: u64 },
+    /// Attempts hold its units or waiting jobs ask for it.
+    InUse {
+        /// Attempts holding units.
+        running: u64,
+        /// Waiting jobs asking for it.
+        asked_by: u64,
+    },
 }
 
 /// The scheduler's state. See the module documentation.
 #[derive(Debug, Default)]
-pub(crate) struct Scheduler {
+pub struct Scheduler {
     queues: HashMap<QueueKey, Queue>,
     pools: HashMap<PoolKey, Pool>,
     workers: HashMap<WorkerId, Worker>,
@@ -995,6 +1014,12 @@ impl Scheduler {
 
     /// Moves a waiting job back to its queue's ready set (from a pool or from unplaced).
     fn unpark(&mut self, id: JobId) {
+        self.unpark_from(id, None);
+    }
+
+    /// [`Self::unpark`], woken by `waker`: that pool already counted what the job takes, so it
+    /// is not woken again for the reservation the job leaves (that would wake every waiter).
+    fn unpark_from(&mut self, id: JobId, waker: Option<&PoolKey>) {
         let Some(w) = self.waiting.get_mut(&id) else {
             return;
         };
@@ -1010,7 +1035,7 @@ impl Scheduler {
             Spot::Parked(pools) => {
                 for pk in pools {
                     if let Some(p) = self.pools.get_mut(&pk) {
-                        if p.waiters.first() == Some(&rank) {
+                        if p.waiters.first() == Some(&rank) && waker != Some(&pk) {
                             // The reservation it held is gone: the next waiter may fit.
                             self.dirty_pools.insert(pk.clone());
                         }
@@ -1069,7 +1094,7 @@ impl Scheduler {
             }
         }
         for id in wake {
-            self.unpark(id);
+            self.unpark_from(id, Some(pk));
         }
         self.woken
             .extend(counted.into_iter().map(|id| (pk.clone(), id)));
