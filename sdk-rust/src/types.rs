@@ -349,7 +349,7 @@ impl JobSpec {
 pub struct PoolRequest {
     /// Pool name (in the job's namespace).
     pub pool: String,
-    /// Units by unit name; empty means `requests=1`.
+    /// Units by unit name; the service adds `requests=1` unless `requests` is named.
     pub units: BTreeMap<String, u64>,
     /// How long to wait for this pool before the next is also tried: `None` waits without
     /// bound, zero fails fast (take it now or move on).
@@ -357,7 +357,7 @@ pub struct PoolRequest {
 }
 
 impl PoolRequest {
-    /// A request for `pool` of `requests=1` (unless units are added) without a max wait.
+    /// A request for `pool` of `requests=1` (the service's default) without a max wait.
     pub fn new(pool: impl Into<String>) -> Self {
         PoolRequest {
             pool: pool.into(),

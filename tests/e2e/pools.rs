@@ -249,7 +249,7 @@ async fn submit_shows_the_demand_in_the_job() {
     )
     .await;
     let want_pools = json!([
-        {"pool": "gpt-4o", "units": {"tokens": 1200}, "max_wait": "5s"},
+        {"pool": "gpt-4o", "units": {"requests": 1, "tokens": 1200}, "max_wait": "5s"},
         {"pool": "gpt-4o-mini", "units": {"requests": 1}, "max_wait": "0s"},
     ]);
     assert_eq!(
@@ -273,7 +273,7 @@ async fn submit_shows_the_demand_in_the_job() {
     let (code, table, _) = cli(addr, &["get", id]).await;
     assert_eq!(code, 0);
     assert!(
-        table.contains("gpt-4o:tokens=1200@5s gpt-4o-mini:requests=1@0s"),
+        table.contains("gpt-4o:requests=1,tokens=1200@5s gpt-4o-mini:requests=1@0s"),
         "{table}"
     );
 
@@ -283,6 +283,7 @@ async fn submit_shows_the_demand_in_the_job() {
         job.pools,
         [
             PoolRequest::new("gpt-4o")
+                .units("requests", 1)
                 .units("tokens", 1200)
                 .max_wait(Duration::from_secs(5)),
             PoolRequest::new("gpt-4o-mini")

@@ -351,9 +351,8 @@ pub fn pool_requests(reqs: Vec<pb::PoolRequest>, f: &str) -> R<Vec<PoolRequest>>
             ));
         }
         let mut units = units(r.units, &format!("{pf}.units"), 1)?;
-        if units.is_empty() {
-            units.insert(DEFAULT_UNIT.to_owned(), 1);
-        }
+        // Every attempt is one request unless the request says otherwise.
+        units.entry(DEFAULT_UNIT.to_owned()).or_insert(1);
         out.push(PoolRequest {
             pool,
             units,
@@ -798,7 +797,11 @@ mod tests {
         let d = &s.demand;
         assert_eq!(d.pools.len(), 3);
         assert_eq!(d.pools[0].pool.as_str(), "gpt-4o");
-        assert_eq!(d.pools[0].units, [("tokens".to_owned(), 1200)].into());
+        assert_eq!(
+            d.pools[0].units,
+            [("requests".to_owned(), 1), ("tokens".to_owned(), 1200)].into(),
+            "every attempt is one request"
+        );
         assert_eq!(d.pools[0].max_wait, Some(Duration::from_secs(5)));
         assert_eq!(
             d.pools[1].units,

@@ -51,8 +51,8 @@ pub struct SubmitArgs {
     /// Label `KEY=VALUE` (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
-    /// Capacity pool to take units from while running, e.g. `gpt-4o:tokens=1200@5s`: units
-    /// default to `requests=1`, `@MAXWAIT` is how long to wait for it before the next `--pool`
+    /// Capacity pool to take units from while running, e.g. `gpt-4o:tokens=1200@5s`: every
+    /// attempt also takes `requests=1` unless `requests` is given, `@MAXWAIT` is how long to wait for it before the next `--pool`
     /// is also tried (none: without bound; `0s`: fail fast). Repeatable, in fallback order.
     #[arg(long = "pool", value_name = "NAME[:UNIT=N[,UNIT=N]...][@MAXWAIT]", value_parser = parse_pool_request)]
     pub pools: Vec<PoolRequest>,
