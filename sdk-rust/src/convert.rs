@@ -220,6 +220,7 @@ pub(crate) fn queue_config_to_pb(c: &QueueConfig) -> pb::QueueConfig {
         max_depth: c.max_depth.unwrap_or(0),
         paused: c.paused,
         default_max_wait: c.default_max_wait.map(duration_to_pb),
+        reject_unplaceable: c.reject_unplaceable,
     }
 }
 
@@ -382,6 +383,7 @@ pub(crate) fn queue_config_from_pb(c: pb::QueueConfig) -> QueueConfig {
         max_depth: (c.max_depth != 0).then_some(c.max_depth),
         paused: c.paused,
         default_max_wait: duration_from_pb(c.default_max_wait),
+        reject_unplaceable: c.reject_unplaceable,
     }
 }
 
@@ -741,6 +743,7 @@ mod tests {
             max_depth: None,
             paused: true,
             default_max_wait: None,
+            reject_unplaceable: true,
         };
         let raw = queue_config_to_pb(&config);
         assert_eq!(raw.max_depth, 0);

@@ -803,6 +803,9 @@ pub struct QueueConfig {
     pub paused: bool,
     /// Default schedule-to-start bound.
     pub default_max_wait: Option<Duration>,
+    /// Refuse at submit (`FailedPrecondition`, `NO_WORKER_FITS`) a job whose resources or
+    /// selector no connected worker of the queue could ever satisfy.
+    pub reject_unplaceable: bool,
 }
 
 /// A queue with its live figures.

@@ -3,6 +3,7 @@
 //! an event, with a generous timeout only as a guard.
 
 mod cancel;
+mod capacity;
 mod cli;
 mod faults;
 mod grpc_tooling;

@@ -578,6 +578,7 @@ pub fn queue_config(c: Option<pb::QueueConfig>, f: &str) -> R<QueueConfig> {
             c.default_max_wait.as_ref(),
             &format!("{f}.default_max_wait"),
         )?,
+        reject_unplaceable: c.reject_unplaceable,
     })
 }
 
@@ -593,6 +594,7 @@ pub fn pb_queue(q: &QueueInfo) -> pb::QueueInfo {
             max_depth: q.config.max_depth,
             paused: q.config.paused,
             default_max_wait: q.config.default_max_wait.map(pb_duration),
+            reject_unplaceable: q.config.reject_unplaceable,
         }),
         depth: q.depth,
         running: q.running,

@@ -52,6 +52,10 @@ pub struct QueuesSetArgs {
     /// Pause (`true`) or resume (`false`) dispatching.
     #[arg(long, value_name = "true|false", action = clap::ArgAction::Set)]
     pub paused: Option<bool>,
+    /// Refuse at submit (`true`) a job whose --cpu/--memory/--selector no connected worker of the
+    /// queue could ever satisfy, instead of letting it wait (`false`, the default).
+    #[arg(long, value_name = "true|false", action = clap::ArgAction::Set)]
+    pub reject_unplaceable: Option<bool>,
     #[command(flatten)]
     pub conn: ConnArgs,
     #[command(flatten)]
@@ -231,6 +235,9 @@ fn apply(mut config: QueueConfig, args: &QueuesSetArgs) -> QueueConfig {
     if let Some(p) = args.paused {
         config.paused = p;
     }
+    if let Some(r) = args.reject_unplaceable {
+        config.reject_unplaceable = r;
+    }
     config
 }
 
@@ -348,12 +355,24 @@ mod tests {
             max_depth: Some(100),
             paused: false,
             default_max_wait: None,
+            reject_unplaceable: false,
         };
         let config = apply(current.clone(), &set_args(&["--paused", "true"]));
         assert_eq!(
             config,
             QueueConfig {
                 paused: true,
+                ..current.clone()
+            }
+        );
+        let config = apply(
+            current.clone(),
+            &set_args(&["--reject-unplaceable", "true"]),
+        );
+        assert_eq!(
+            config,
+            QueueConfig {
+                reject_unplaceable: true,
                 ..current.clone()
             }
         );

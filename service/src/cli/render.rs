@@ -331,6 +331,7 @@ pub fn queue_value(q: &QueueInfo) -> Value {
             "default_retry_policy": c.default_retry_policy.as_ref().map_or(Value::Null, retry_policy_value),
             "max_depth": c.max_depth,
             "paused": c.paused,
+            "reject_unplaceable": c.reject_unplaceable,
         },
     })
 }

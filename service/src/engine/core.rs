@@ -677,6 +677,25 @@ impl Core {
     /// Every pool a spec asks for exists, and each request fits its pool's limits (a request
     /// larger than a limit could never be served).
     fn check_demand(&self, spec: &JobSpec, field: &str) -> Result<(), EngineError> {
+        let qk = QueueKey {
+            namespace: spec.namespace.clone(),
+            name: spec.queue.clone(),
+        };
+        let strict = self
+            .queues
+            .get(&qk)
+            .is_some_and(|q| q.config.reject_unplaceable);
+        let placed = spec.demand.resources.is_zero() && spec.demand.selector.is_empty();
+        if strict && !placed && !self.sched.could_place(&qk, &spec.demand) {
+            return Err(EngineError::FailedPrecondition {
+                reason: "NO_WORKER_FITS",
+                message: format!(
+                    "no connected worker of queue {} has the resources and labels {field} asks \
+                     for, and the queue refuses jobs no worker fits",
+                    spec.queue
+                ),
+            });
+        }
         for (j, req) in spec.demand.pools.iter().enumerate() {
             let key = PoolKey {
                 namespace: spec.namespace.clone(),
@@ -1300,17 +1319,18 @@ impl Core {
         if matches!(kind, ReportKind::Outcome(_)) {
             self.clear_zombie(&s.worker_id, (id, attempt));
         }
-        let Some(job) = self.active_job(id) else {
-            return Err("UNKNOWN_JOB");
-        };
         // Usage settles the pool's buckets for any attempt that still holds capacity on this
-        // worker, a zombie's too: the upstream tokens were spent either way.
+        // worker, a zombie's too (even of a job that has ended since): the upstream tokens were
+        // spent either way. Worker ids are unique across namespaces.
         if let ReportKind::Usage(used) = &kind {
-            if job.namespace == s.namespace && self.sched.holds(id, attempt, &s.worker_id) {
+            if self.sched.holds(id, attempt, &s.worker_id) {
                 self.sched.report_usage(id, attempt, used, Instant::now());
                 return Ok(());
             }
         }
+        let Some(job) = self.active_job(id) else {
+            return Err("UNKNOWN_JOB");
+        };
         // Fencing: only the current attempt, on the worker that holds it, may report.
         if job.attempt != attempt
             || job.worker_id.as_ref() != Some(&s.worker_id)

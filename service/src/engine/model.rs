@@ -190,6 +190,10 @@ pub struct QueueConfig {
     pub paused: bool,
     /// Default schedule-to-start bound.
     pub default_max_wait: Option<Duration>,
+    /// Refuse at submit (`FAILED_PRECONDITION`, `NO_WORKER_FITS`) a job whose resources or
+    /// selector no connected worker of the queue could ever satisfy, instead of letting it wait.
+    #[serde(default)]
+    pub reject_unplaceable: bool,
 }
 
 /// A capacity pool is identified by its namespace and name.

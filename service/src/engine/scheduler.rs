@@ -649,6 +649,18 @@ impl Scheduler {
         }
     }
 
+    /// Whether some connected worker of the queue could run the job if it were idle (its
+    /// resources and labels suffice), whatever it runs now.
+    pub fn could_place(&self, queue: &QueueKey, demand: &Demand) -> bool {
+        self.queues.get(queue).is_some_and(|q| {
+            q.workers.iter().any(|wid| {
+                self.workers.get(wid).is_some_and(|w| {
+                    !w.gone && w.offer.fits(&demand.resources) && demand.selects(&w.labels)
+                })
+            })
+        })
+    }
+
     /// How a worker's slots and resources are used.
     pub fn worker_figures(&self, id: &WorkerId) -> WorkerFigures {
         self.workers
