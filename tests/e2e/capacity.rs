@@ -405,3 +405,116 @@ async fn a_queue_can_refuse_jobs_no_connected_worker_could_ever_fit() {
         .job;
     assert_eq!(waiting.state, JobState::Queued);
 }
+
+/// `jobplane worker … -- sh -c SCRIPT` with extra worker flags.
+fn cli_worker(addr: &str, queue: &str, flags: &[&str], script: &str) -> tokio::process::Child {
+    tokio::process::Command::new(jobplane_tests::jobplane_bin())
+        .arg("worker")
+        .arg(queue)
+        .args(flags)
+        .args(["--", "sh", "-c", script])
+        .env("JOBPLANE_ADDR", addr)
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn worker")
+}
+
+#[tokio::test]
+async fn cli_worker_reports_rate_limits_and_usage_from_its_commands_stderr() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    client
+        .configure_pool(
+            "llm",
+            PoolConfig::new().rate(jobplane::RateLimit::new(
+                "tokens",
+                100,
+                Duration::from_secs(3600),
+            )),
+        )
+        .await
+        .unwrap();
+    // First attempt: an upstream 429. Second: success, having used 10 of its 90 tokens.
+    let script = r#"
+        test "$JOBPLANE_POOL" = llm || { echo "no pool: $JOBPLANE_POOL" >&2; exit 1; }
+        if [ "$JOBPLANE_ATTEMPT" = 1 ]; then
+            echo "rate-limited: retry-after=300ms" >&2
+            exit 75
+        fi
+        echo "usage: tokens=10" >&2
+        echo done
+    "#;
+    let mut worker = cli_worker(&server.addr, "llm-calls", &["--concurrency", "2"], script);
+    let t = Instant::now();
+    let job = client
+        .submit(
+            JobSpec::new("llm-calls")
+                .retries(0)
+                .pool(PoolRequest::new("llm").units("tokens", 45)),
+        )
+        .await
+        .unwrap()
+        .job;
+    let w = guard("done", client.wait(&job.id, LONG)).await.unwrap();
+    assert_eq!(w.job.state, JobState::Succeeded, "{:?}", w.job.error);
+    assert_eq!(w.job.attempt, 2);
+    assert_eq!(w.job.retries_used, 0, "a rate limit uses no retry");
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "the cooldown held the retry"
+    );
+    let pool = client.get_pool("llm").await.unwrap();
+    assert_eq!(pool.epoch, 1, "one cooldown");
+    // Charged 45 twice (100 → 10); the second attempt used 10 of its 45: 35 came back.
+    assert!(
+        (pool.tokens[0] - 45.0).abs() < 1.0,
+        "tokens {:?}",
+        pool.tokens
+    );
+    worker.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn cli_worker_offers_cpu_memory_and_labels_for_placement() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let mut small = cli_worker(
+        &server.addr,
+        "render",
+        &["--cpu", "1", "--memory", "1Gi", "--name", "small"],
+        "echo small",
+    );
+    let mut big = cli_worker(
+        &server.addr,
+        "render",
+        &[
+            "--cpu", "8", "--memory", "16Gi", "--label", "gpu=a100", "--name", "big",
+        ],
+        "echo big",
+    );
+    for spec in [
+        JobSpec::new("render").cpu(4.0),
+        JobSpec::new("render").memory_bytes(2 << 30),
+        JobSpec::new("render").selector("gpu", "a100"),
+    ] {
+        let job = client.submit(spec).await.unwrap().job;
+        let w = guard("placed", client.wait(&job.id, LONG)).await.unwrap();
+        assert_eq!(w.job.state, JobState::Succeeded);
+        assert_eq!(
+            w.job.result.as_deref(),
+            Some(&b"big"[..]),
+            "only the big worker fits"
+        );
+    }
+    // Whatever was submitted first waited until the big worker was there; it is by now.
+    let workers = client.list_workers().await.unwrap();
+    let big_info = workers.iter().find(|w| w.name == "big").unwrap();
+    assert_eq!(big_info.resources.cpu, 8.0);
+    assert_eq!(big_info.resources.memory_bytes, 16 << 30);
+    assert_eq!(big_info.labels.get("gpu").map(String::as_str), Some("a100"));
+    small.kill().await.unwrap();
+    big.kill().await.unwrap();
+}

@@ -33,6 +33,7 @@ struct Inner {
     priority: i32,
     run_timeout: Option<Duration>,
     traceparent: Option<String>,
+    pool: Option<String>,
     worker_id: Arc<str>,
     token: CancellationToken,
     cancel_reason: OnceLock<String>,
@@ -66,6 +67,7 @@ impl JobContext {
                 priority: assignment.priority,
                 run_timeout: convert::duration_from_pb(assignment.run_timeout),
                 traceparent: (!assignment.traceparent.is_empty()).then_some(assignment.traceparent),
+                pool: (!assignment.pool.is_empty()).then_some(assignment.pool),
                 worker_id,
                 token,
                 cancel_reason: OnceLock::new(),
@@ -119,6 +121,25 @@ impl JobContext {
     /// The attempt's run timeout, if any: past it the service cancels the attempt.
     pub fn run_timeout(&self) -> Option<Duration> {
         self.inner.run_timeout
+    }
+
+    /// The capacity pool the attempt takes its units from, if the job asked for pools.
+    pub fn pool(&self) -> Option<&str> {
+        self.inner.pool.as_deref()
+    }
+
+    /// Reports what the attempt really used of its pool's units (e.g. `[("tokens", 950)]`):
+    /// the service settles the pool's token buckets against what it charged at dispatch, giving
+    /// back what was not used (or taking what was used beyond). Sent before the outcome; a later
+    /// call for the same unit replaces the earlier figure.
+    pub async fn report_usage<U: Into<String>>(&self, units: impl IntoIterator<Item = (U, u64)>) {
+        let report = self.report(pb::worker_report::Kind::Usage(pb::Usage {
+            units: units.into_iter().map(|(u, n)| (u.into(), n)).collect(),
+        }));
+        self.inner
+            .outbox
+            .push_bulk(self.inner.key.clone(), report)
+            .await;
     }
 
     /// The submitter's W3C `traceparent`, if any.

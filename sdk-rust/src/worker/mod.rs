@@ -116,6 +116,7 @@ pub(crate) struct WorkerConfig {
     pub(crate) namespace: String,
     pub(crate) concurrency: u32,
     pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) resources: crate::Resources,
     pub(crate) handlers: HashMap<String, Arc<dyn Handler>>,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) abort_grace: Duration,
@@ -131,6 +132,7 @@ pub struct WorkerBuilder {
     concurrency: u32,
     handlers: HashMap<String, Arc<dyn Handler>>,
     labels: BTreeMap<String, String>,
+    resources: crate::Resources,
     name: Option<String>,
     id: Option<String>,
     shutdown_timeout: Duration,
@@ -192,6 +194,20 @@ impl WorkerBuilder {
     /// Adds one label of the worker.
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the CPU (in cores, fractions allowed) the worker offers to jobs that declare theirs:
+    /// the service places such a job only where its CPU and memory fit, and holds them while it
+    /// runs. Default: none (only jobs that declare no resources are placed here).
+    pub fn cpu(mut self, cores: f64) -> Self {
+        self.resources.cpu = cores;
+        self
+    }
+
+    /// Sets the memory, in bytes, the worker offers (see [`WorkerBuilder::cpu`]).
+    pub fn memory_bytes(mut self, bytes: u64) -> Self {
+        self.resources.memory_bytes = bytes;
         self
     }
 
@@ -270,6 +286,7 @@ impl WorkerBuilder {
             namespace,
             concurrency: self.concurrency,
             labels: self.labels,
+            resources: self.resources,
             handlers: self.handlers,
             shutdown_timeout: self.shutdown_timeout,
             abort_grace: self.abort_grace,
@@ -322,6 +339,7 @@ impl Worker {
             concurrency: 10,
             handlers: HashMap::new(),
             labels: BTreeMap::new(),
+            resources: crate::Resources::default(),
             name: None,
             id: None,
             shutdown_timeout: Duration::from_secs(30),

@@ -313,7 +313,7 @@ impl Runtime {
                     .collect(),
                 name: self.config.name.clone(),
                 running,
-                resources: None,
+                resources: convert::resources_to_pb(self.config.resources),
             })),
         };
         let (control_tx, control_rx) = mpsc::unbounded_channel();

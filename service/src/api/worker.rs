@@ -52,6 +52,7 @@ fn assignment(job: &crate::engine::model::Job) -> pb::Assignment {
         run_timeout: job.run_timeout.map(convert::pb_duration),
         priority: job.priority,
         traceparent: String::new(),
+        pool: job.pool.as_ref().map(|p| p.to_string()).unwrap_or_default(),
     }
 }
 

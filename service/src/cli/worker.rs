@@ -2,10 +2,21 @@
 //!
 //! The job's payload is the command's standard input; `JOBPLANE_JOB_ID`, `JOBPLANE_ATTEMPT`
 //! and `JOBPLANE_QUEUE` (and `TRACEPARENT` when the submitter sent one) are set in its
-//! environment. Its standard output and error are streamed as the job's output, in order. A
-//! standard error line `progress: <0-100> [message]` also reports progress. The main process's
-//! exit status decides the outcome: 0 succeeds with the last non-empty line of standard output
-//! as the result; anything else is a retryable failure naming the exit code or the signal.
+//! environment, and `JOBPLANE_POOL` when the attempt runs on a capacity pool. Its standard
+//! output and error are streamed as the job's output, in order. Three standard error lines are
+//! also understood (and still part of the output):
+//!
+//! - `progress: <0-100> [message]` reports progress;
+//! - `usage: UNIT=N [UNIT=N]...` (spaces or commas between pairs) reports what the attempt
+//!   really used of its pool's units, e.g. `usage: tokens=950`, so the pool's token buckets are
+//!   settled (a later line for the same unit replaces the earlier figure);
+//! - `rate-limited: retry-after=DURATION` (e.g. `2s`, `500ms`) followed by exit code 75 reports
+//!   an upstream rate limit: the job's pool cools down until then and the job is requeued
+//!   without using a retry.
+//!
+//! The main process's exit status decides the outcome: 0 succeeds with the last non-empty line
+//! of standard output as the result; 75 after a `rate-limited:` line is a rate limit; anything
+//! else is a retryable failure naming the exit code or the signal.
 //!
 //! The command runs in a process group of its own. After its main process exited, its output is
 //! read to the end before the outcome is reported, so the last line is never lost; but whatever
@@ -30,7 +41,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::process::{Groups, MIN_KILL_GRACE};
-use super::{parse_duration, parse_label, CliError, ConnArgs, Outcome};
+use super::{
+    parse_cpu, parse_duration, parse_label, parse_size, parse_unit_amount, CliError, ConnArgs,
+    Outcome,
+};
 
 /// Read size of the command's pipes (also the largest output chunk).
 const READ_CHUNK: usize = 64 << 10;
@@ -49,6 +63,9 @@ const PIPE_DRAIN: Duration = Duration::from_secs(2);
 const PIPE_DRAIN_BYTES: usize = 4 << 20;
 /// Exit code of a worker stopped by a second signal.
 const EXIT_SECOND_SIGNAL: i32 = 130;
+/// Exit code with which a command reports an upstream rate limit (`EX_TEMPFAIL`), after a
+/// `rate-limited: retry-after=DURATION` line on standard error.
+const EXIT_RATE_LIMITED: i32 = 75;
 
 /// Arguments of `jobplane worker`.
 #[derive(Debug, Args)]
@@ -69,9 +86,16 @@ pub struct WorkerArgs {
     /// Worker name shown by `workers ls` (default: host and pid).
     #[arg(long)]
     pub name: Option<String>,
-    /// Worker label `KEY=VALUE` (repeatable).
+    /// Worker label `KEY=VALUE` (repeatable); jobs with `--selector` go only to workers whose
+    /// labels match.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// CPU cores offered to jobs that declare `--cpu` (fractions allowed).
+    #[arg(long, value_parser = parse_cpu)]
+    pub cpu: Option<f64>,
+    /// Memory offered to jobs that declare `--memory`, e.g. `8Gi`, `512M`, `1048576`.
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
     #[command(flatten)]
     pub conn: ConnArgs,
     /// The command to run per job, after `--`.
@@ -105,6 +129,12 @@ pub async fn run(args: WorkerArgs) -> Result<Outcome, CliError> {
         // The command gets its SIGTERM-to-SIGKILL grace before the SDK aborts the handler.
         .abort_grace(args.grace + Duration::from_secs(1))
         .labels(args.labels.iter().cloned());
+    if let Some(cpu) = args.cpu {
+        builder = builder.cpu(cpu);
+    }
+    if let Some(memory) = args.memory {
+        builder = builder.memory_bytes(memory);
+    }
     if let Some(name) = &args.name {
         builder = builder.name(name.clone());
     }
@@ -189,6 +219,9 @@ impl Handler for CommandHandler {
             .stderr(std::process::Stdio::piped());
         if let Some(tp) = ctx.traceparent() {
             command.env("TRACEPARENT", tp);
+        }
+        if let Some(pool) = ctx.pool() {
+            command.env("JOBPLANE_POOL", pool);
         }
         let program = self.program.clone();
         let grace = self.grace;
@@ -305,7 +338,22 @@ async fn run_command(
         tracing::info!("job succeeded");
         return Ok(stdout_last.unwrap_or_default());
     }
+    if status.code() == Some(EXIT_RATE_LIMITED) {
+        if let Some(retry_after) = err_lines.rate_limited {
+            tracing::info!(?retry_after, pool = ?ctx.pool(), "upstream rate limit");
+            return Err(HandlerError::rate_limited(
+                ctx.pool().map(str::to_owned),
+                retry_after,
+            ));
+        }
+    }
     let mut message = exit_description(&status);
+    if status.code() == Some(EXIT_RATE_LIMITED) {
+        message.push_str(
+            " (75 reports a rate limit only after a `rate-limited: retry-after=DURATION` line on \
+             standard error)",
+        );
+    }
     if let Some(line) = stderr_last {
         let line = String::from_utf8_lossy(&line);
         let excerpt: String = line.chars().take(MAX_EXCERPT).collect();
@@ -412,7 +460,7 @@ async fn pump<R: AsyncRead + Unpin>(
         ctx.output(stream, chunk.clone()).await;
         for line in lines.feed(&chunk) {
             if progress {
-                report_progress(ctx, &line).await;
+                directives(ctx, &line, lines).await;
             }
         }
     }
@@ -426,16 +474,47 @@ async fn finish_lines(
 ) -> Option<Vec<u8>> {
     if let Some(line) = lines.finish() {
         if progress {
-            report_progress(ctx, &line).await;
+            directives(ctx, &line, lines).await;
         }
     }
     lines.last_non_empty.take()
 }
 
-async fn report_progress(ctx: &JobContext, line: &[u8]) {
+/// Acts on a standard error line meant for the worker: progress, usage, rate limit.
+async fn directives(ctx: &JobContext, line: &[u8], lines: &mut LineScanner) {
     if let Some((percent, message)) = parse_progress(line) {
         ctx.progress(percent, message).await;
+    } else if let Some(units) = parse_usage(line) {
+        ctx.report_usage(units).await;
+    } else if let Some(retry_after) = parse_rate_limited(line) {
+        lines.rate_limited = Some(retry_after);
     }
+}
+
+/// The text after a case-insensitive `prefix`, trimmed.
+fn after_prefix<'a>(line: &'a [u8], prefix: &str) -> Option<&'a str> {
+    let text = std::str::from_utf8(line).ok()?.trim();
+    let (head, rest) = text.split_at_checked(prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| rest.trim())
+}
+
+/// Parses `usage: tokens=950` or `usage: tokens=950, requests=1`.
+fn parse_usage(line: &[u8]) -> Option<Vec<(String, u64)>> {
+    let rest = after_prefix(line, "usage:")?;
+    let units: Vec<(String, u64)> = rest
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|p| !p.is_empty())
+        .map(parse_unit_amount)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    (!units.is_empty()).then_some(units)
+}
+
+/// Parses `rate-limited: retry-after=2s`.
+fn parse_rate_limited(line: &[u8]) -> Option<Duration> {
+    let rest = after_prefix(line, "rate-limited:")?;
+    let value = rest.strip_prefix("retry-after=")?;
+    humantime::parse_duration(value.trim()).ok()
 }
 
 /// Splits a byte stream into lines, remembering the last non-empty one.
@@ -444,6 +523,8 @@ struct LineScanner {
     partial: Vec<u8>,
     overflow: bool,
     last_non_empty: Option<Vec<u8>>,
+    /// The retry-after of the last `rate-limited:` line (standard error only).
+    rate_limited: Option<Duration>,
 }
 
 impl LineScanner {
@@ -552,6 +633,31 @@ mod tests {
         assert_eq!(parse_progress(b"progress: 101"), None);
         assert_eq!(parse_progress(b"progress: lots"), None);
         assert_eq!(parse_progress(b"in progress: 5"), None);
+    }
+
+    #[test]
+    fn usage_and_rate_limit_lines() {
+        assert_eq!(
+            parse_usage(b"usage: tokens=950"),
+            Some(vec![("tokens".to_owned(), 950)])
+        );
+        assert_eq!(
+            parse_usage(b"Usage: tokens=950, requests=1\r"),
+            Some(vec![("tokens".to_owned(), 950), ("requests".to_owned(), 1)])
+        );
+        assert_eq!(parse_usage(b"usage: tokens=lots"), None);
+        assert_eq!(parse_usage(b"usage:"), None);
+        assert_eq!(parse_usage(b"my usage: tokens=1"), None);
+        assert_eq!(
+            parse_rate_limited(b"rate-limited: retry-after=2s"),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            parse_rate_limited(b"rate-limited: retry-after=500ms "),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(parse_rate_limited(b"rate-limited: soon"), None);
+        assert_eq!(parse_rate_limited(b"rate-limited: retry-after=never"), None);
     }
 
     #[test]
