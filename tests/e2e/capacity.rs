@@ -518,3 +518,168 @@ async fn cli_worker_offers_cpu_memory_and_labels_for_placement() {
     small.kill().await.unwrap();
     big.kill().await.unwrap();
 }
+
+/// Hundreds of jobs on 8 workers whose upstream answers 429 about a third of the time (short,
+/// overlapping cooldowns), and fails for good on some jobs: every job ends, none is lost or
+/// succeeds twice, 429s use no retry, and it all ends in bounded time.
+#[tokio::test]
+async fn waves_of_rate_limits_mixed_with_failures_lose_nothing() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    client
+        .configure_pool("api", PoolConfig::new().max_units("requests", 16))
+        .await
+        .unwrap();
+    let successes: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let mut workers = Vec::new();
+    for w in 0..8u64 {
+        let successes = successes.clone();
+        workers.push(spawn_worker(
+            &server.addr,
+            "waves",
+            4,
+            move |ctx: JobContext| {
+                let successes = successes.clone();
+                async move {
+                    // Deterministic per job and attempt, different per worker: ~1/3 rate limited.
+                    let seed = ctx
+                        .job_id()
+                        .bytes()
+                        .fold(w, |h, b| h.wrapping_mul(31).wrapping_add(b as u64))
+                        ^ (ctx.attempt() as u64 * 0x9e37_79b9);
+                    if ctx.payload() == b"broken" {
+                        return Err(HandlerError::fatal("broken input"));
+                    }
+                    if seed.is_multiple_of(3) && ctx.attempt() < 6 {
+                        return Err(HandlerError::rate_limited(
+                            None,
+                            Duration::from_millis(5 + seed % 20),
+                        ));
+                    }
+                    *successes
+                        .lock()
+                        .unwrap()
+                        .entry(ctx.job_id().to_string())
+                        .or_default() += 1;
+                    Ok(vec![])
+                }
+            },
+        ));
+    }
+    let specs: Vec<JobSpec> = (0..300)
+        .map(|i| {
+            JobSpec::new("waves")
+                .retries(0)
+                .payload(if i % 10 == 0 { "broken" } else { "ok" })
+                .pool(PoolRequest::new("api"))
+        })
+        .collect();
+    let ids: Vec<String> = client
+        .submit_batch(specs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.job.id)
+        .collect();
+    let r = guard(
+        "every job ended",
+        client.wait_many(ids, WaitMode::All, LONG),
+    )
+    .await
+    .unwrap();
+    assert!(r.reached, "every job ended");
+    let mut failed = 0;
+    for w in &r.results {
+        match w.job.state {
+            JobState::Succeeded => assert_eq!(w.job.retries_used, 0),
+            JobState::Failed => failed += 1,
+            other => panic!("job {} ended {other:?}: {:?}", w.job.id, w.job.error),
+        }
+    }
+    assert_eq!(failed, 30, "exactly the broken jobs failed");
+    let successes = successes.lock().unwrap().clone();
+    assert_eq!(successes.len(), 270);
+    assert!(
+        successes.values().all(|n| *n == 1),
+        "no job succeeded twice"
+    );
+    let pool = client.get_pool("api").await.unwrap();
+    assert!(pool.epoch >= 1);
+    assert_eq!((pool.running, pool.waiting), (0, 0));
+    for w in workers {
+        w.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn priority_with_fail_fast_and_immediate_escalation() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    client.configure_pool("a", one_unit()).await.unwrap();
+    client.configure_pool("b", one_unit()).await.unwrap();
+    let release = Arc::new(Notify::new());
+    let worker = spawn_worker(&server.addr, "prio", 8, holding(release.clone()));
+    let holder = client
+        .submit(
+            JobSpec::new("prio")
+                .payload("hold")
+                .pool(PoolRequest::new("a")),
+        )
+        .await
+        .unwrap()
+        .job;
+    running(&client, &holder.id).await;
+    // `a` is taken: a first pool of @0 moves on to `b` at once.
+    let esc = client
+        .submit(
+            JobSpec::new("prio")
+                .pool(PoolRequest::new("a").max_wait(Duration::ZERO))
+                .pool(PoolRequest::new("b")),
+        )
+        .await
+        .unwrap()
+        .job;
+    let w = guard("escalated", client.wait(&esc.id, LONG))
+        .await
+        .unwrap();
+    assert_eq!(w.job.state, JobState::Succeeded);
+    assert_eq!(w.job.pool.as_deref(), Some("b"));
+    // A low-priority job waits for `a`; a high-priority fail-fast one arrives after it. When the
+    // unit frees, the high-priority job takes it first.
+    let low = client
+        .submit(JobSpec::new("prio").pool(PoolRequest::new("a")))
+        .await
+        .unwrap()
+        .job;
+    let high = client
+        .submit(
+            JobSpec::new("prio")
+                .priority(10)
+                .pool(PoolRequest::new("a").max_wait(Duration::ZERO)),
+        )
+        .await
+        .unwrap()
+        .job;
+    // Fail fast: `a` is held, so it expires rather than waiting behind nobody.
+    let w = guard("expired", client.wait(&high.id, LONG)).await.unwrap();
+    assert_eq!(w.job.state, JobState::Expired);
+    let high = client
+        .submit(
+            JobSpec::new("prio")
+                .priority(10)
+                .pool(PoolRequest::new("a")),
+        )
+        .await
+        .unwrap()
+        .job;
+    release.notify_one();
+    let w = guard("high", client.wait(&high.id, LONG)).await.unwrap();
+    assert_eq!(w.job.state, JobState::Succeeded);
+    let l = guard("low", client.wait(&low.id, LONG)).await.unwrap();
+    assert_eq!(l.job.state, JobState::Succeeded);
+    assert!(
+        w.job.started_at <= l.job.started_at,
+        "the high-priority job started first"
+    );
+    worker.stop().await.unwrap();
+}
