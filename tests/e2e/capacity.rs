@@ -683,3 +683,58 @@ async fn priority_with_fail_fast_and_immediate_escalation() {
     );
     worker.stop().await.unwrap();
 }
+
+/// A worker with 4 cores runs one 4-core job at a time; each way an attempt can end (success,
+/// failure, cancel, run timeout) gives the cores back, so the next 4-core job runs.
+#[tokio::test]
+async fn resources_are_released_on_every_kind_of_attempt_end() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let worker = jobplane::Worker::builder(server.addr.as_str())
+        .concurrency(4)
+        .cpu(4.0)
+        .abort_grace(Duration::from_millis(200))
+        .handler("heavy", |ctx: JobContext| async move {
+            match ctx.payload() {
+                b"fail" => Err(HandlerError::fatal("failed")),
+                b"wait-cancel" => {
+                    ctx.cancelled().await;
+                    Err(HandlerError::cancelled())
+                }
+                // Ignores the cancellation of its run timeout: aborted after the grace.
+                b"overrun" => {
+                    std::future::pending::<()>().await;
+                    Ok(vec![])
+                }
+                _ => Ok(vec![]),
+            }
+        })
+        .build()
+        .unwrap()
+        .spawn();
+    let heavy = |payload: &'static str| JobSpec::new("heavy").payload(payload).cpu(4.0).retries(0);
+    let expect = [
+        ("ok", JobState::Succeeded),
+        ("fail", JobState::Failed),
+        ("wait-cancel", JobState::Cancelled),
+        ("overrun", JobState::TimedOut),
+        ("ok", JobState::Succeeded),
+    ];
+    for (payload, end) in expect {
+        let spec = if payload == "overrun" {
+            heavy(payload).run_timeout(Duration::from_millis(200))
+        } else {
+            heavy(payload)
+        };
+        let job = client.submit(spec).await.unwrap().job;
+        if payload == "wait-cancel" {
+            running(&client, &job.id).await;
+            client.cancel(&job.id, None).await.unwrap();
+        }
+        let w = guard(payload, client.wait(&job.id, LONG)).await.unwrap();
+        assert_eq!(w.job.state, end, "{payload}: {:?}", w.job.error);
+    }
+    let workers = client.list_workers().await.unwrap();
+    assert_eq!(workers[0].resources_in_use.cpu, 0.0, "every core came back");
+    worker.stop().await.unwrap();
+}
