@@ -738,3 +738,107 @@ async fn resources_are_released_on_every_kind_of_attempt_end() {
     assert_eq!(workers[0].resources_in_use.cpu, 0.0, "every core came back");
     worker.stop().await.unwrap();
 }
+
+/// Five jobs wait for a pool's only unit; when it frees, exactly one of them starts (it then
+/// holds the unit), the others stay queued; and each release starts the next one.
+#[tokio::test]
+async fn one_freed_unit_starts_exactly_one_job() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    client.configure_pool("solo", one_unit()).await.unwrap();
+    let release = Arc::new(Notify::new());
+    let worker = spawn_worker(&server.addr, "solo", 8, holding(release.clone()));
+    let spec = || {
+        JobSpec::new("solo")
+            .payload("hold")
+            .pool(PoolRequest::new("solo"))
+    };
+    let holder = client.submit(spec()).await.unwrap().job;
+    running(&client, &holder.id).await;
+    let mut waiting: Vec<String> = Vec::new();
+    for _ in 0..5 {
+        waiting.push(client.submit(spec()).await.unwrap().job.id);
+    }
+    for round in 0..5 {
+        release.notify_one();
+        let r = guard(
+            "one waiter starts",
+            client.wait_many(
+                waiting.clone(),
+                WaitMode::Any,
+                WaitOptions::new().until([JobState::Running]).timeout(LONG),
+            ),
+        )
+        .await
+        .unwrap();
+        assert!(r.reached);
+        let running_now: Vec<String> = r
+            .results
+            .iter()
+            .filter(|w| w.job.state == JobState::Running || w.job.state == JobState::Leased)
+            .map(|w| w.job.id.clone())
+            .collect();
+        assert_eq!(running_now.len(), 1, "round {round}: {running_now:?}");
+        waiting.retain(|id| *id != running_now[0]);
+        for id in &waiting {
+            assert_eq!(client.get(id).await.unwrap().state, JobState::Queued);
+        }
+    }
+    release.notify_one();
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn max_waits_differ_per_queue() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    client.configure_pool("shared", one_unit()).await.unwrap();
+    client
+        .configure_queue(
+            "impatient",
+            QueueConfig {
+                default_max_wait: Some(Duration::from_millis(100)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let release = Arc::new(Notify::new());
+    let w1 = spawn_worker(&server.addr, "impatient", 4, holding(release.clone()));
+    let w2 = spawn_worker(&server.addr, "patient", 4, holding(release.clone()));
+    let holder = client
+        .submit(
+            JobSpec::new("patient")
+                .payload("hold")
+                .pool(PoolRequest::new("shared")),
+        )
+        .await
+        .unwrap()
+        .job;
+    running(&client, &holder.id).await;
+    let impatient = client
+        .submit(JobSpec::new("impatient").pool(PoolRequest::new("shared")))
+        .await
+        .unwrap()
+        .job;
+    let patient = client
+        .submit(JobSpec::new("patient").pool(PoolRequest::new("shared")))
+        .await
+        .unwrap()
+        .job;
+    let w = guard("impatient expires", client.wait(&impatient.id, LONG))
+        .await
+        .unwrap();
+    assert_eq!(w.job.state, JobState::Expired);
+    assert_eq!(
+        client.get(&patient.id).await.unwrap().state,
+        JobState::Queued
+    );
+    release.notify_one();
+    let w = guard("patient runs", client.wait(&patient.id, LONG))
+        .await
+        .unwrap();
+    assert_eq!(w.job.state, JobState::Succeeded);
+    w1.stop().await.unwrap();
+    w2.stop().await.unwrap();
+}
