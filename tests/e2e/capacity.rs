@@ -842,3 +842,112 @@ async fn max_waits_differ_per_queue() {
     w1.stop().await.unwrap();
     w2.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_job_that_exactly_fits_the_remaining_capacity_runs_at_once() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    client
+        .configure_pool("three", PoolConfig::new().max_units("requests", 3))
+        .await
+        .unwrap();
+    let release = Arc::new(Notify::new());
+    let worker = spawn_worker(&server.addr, "fit", 4, holding(release.clone()));
+    let big = client
+        .submit(
+            JobSpec::new("fit")
+                .payload("hold")
+                .pool(PoolRequest::new("three").units("requests", 2)),
+        )
+        .await
+        .unwrap()
+        .job;
+    running(&client, &big.id).await;
+    // One unit left: a one-unit job fits exactly and runs while the two-unit job still holds
+    // its units, with fail fast to prove it did not wait.
+    let small = client
+        .submit(JobSpec::new("fit").pool(PoolRequest::new("three").max_wait(Duration::ZERO)))
+        .await
+        .unwrap()
+        .job;
+    let w = guard("small", client.wait(&small.id, LONG)).await.unwrap();
+    assert_eq!(w.job.state, JobState::Succeeded);
+    assert_eq!(client.get(&big.id).await.unwrap().state, JobState::Running);
+    release.notify_one();
+    worker.stop().await.unwrap();
+}
+
+/// A 2-core and an 8-core worker; a 2-core job submitted first goes to the 2-core worker (best
+/// fit), so the 8-core job submitted next runs at the same time on the 8-core one.
+#[tokio::test]
+async fn jobs_are_packed_on_the_worker_they_fit_best() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    // Handlers hold until their gate opens (a watch: no wake-up can be missed).
+    let (probe_gate, probe_rx) = tokio::sync::watch::channel(false);
+    let (main_gate, main_rx) = tokio::sync::watch::channel(false);
+    let start = |name: &'static str, cores: f64| {
+        let (probe_rx, main_rx) = (probe_rx.clone(), main_rx.clone());
+        jobplane::Worker::builder(server.addr.as_str())
+            .concurrency(4)
+            .cpu(cores)
+            .name(name)
+            .handler("pack", move |ctx: JobContext| {
+                let mut gate = if ctx.payload() == b"probe" {
+                    probe_rx.clone()
+                } else {
+                    main_rx.clone()
+                };
+                async move {
+                    let _ = gate.wait_for(|open| *open).await;
+                    Ok(vec![])
+                }
+            })
+            .build()
+            .unwrap()
+            .spawn()
+    };
+    let small_worker = start("two", 2.0);
+    let big_worker = start("eight", 8.0);
+    // Both workers are connected once a job fitting only each of them has started.
+    let probe = |cores: f64| JobSpec::new("pack").payload("probe").cpu(cores);
+    let probe_small = client.submit(probe(2.0)).await.unwrap().job;
+    let probe_big = client.submit(probe(8.0)).await.unwrap().job;
+    for id in [&probe_small.id, &probe_big.id] {
+        running(&client, id).await;
+    }
+    probe_gate.send_replace(true);
+    for id in [&probe_small.id, &probe_big.id] {
+        guard("probe", client.wait(id, LONG)).await.unwrap();
+    }
+    let two = client
+        .submit(JobSpec::new("pack").cpu(2.0))
+        .await
+        .unwrap()
+        .job;
+    running(&client, &two.id).await;
+    let eight = client
+        .submit(JobSpec::new("pack").cpu(8.0))
+        .await
+        .unwrap()
+        .job;
+    running(&client, &eight.id).await;
+    let workers = client.list_workers().await.unwrap();
+    let id_of = |name: &str| workers.iter().find(|w| w.name == name).unwrap().id.clone();
+    assert_eq!(
+        client.get(&two.id).await.unwrap().worker_id.as_deref(),
+        Some(id_of("two").as_str()),
+        "the small job went to the small worker"
+    );
+    assert_eq!(
+        client.get(&eight.id).await.unwrap().worker_id.as_deref(),
+        Some(id_of("eight").as_str())
+    );
+    main_gate.send_replace(true);
+    for id in [&two.id, &eight.id] {
+        let w = guard("done", client.wait(id, LONG)).await.unwrap();
+        assert_eq!(w.job.state, JobState::Succeeded);
+    }
+    small_worker.stop().await.unwrap();
+    big_worker.stop().await.unwrap();
+}
