@@ -951,3 +951,47 @@ async fn jobs_are_packed_on_the_worker_they_fit_best() {
     small_worker.stop().await.unwrap();
     big_worker.stop().await.unwrap();
 }
+
+/// A worker that is lost (stops heartbeating) gives back the cores its attempt held: when it
+/// comes back under the same id, a job needing all its cores is assigned to it.
+#[tokio::test]
+async fn resources_are_released_when_the_worker_is_lost() {
+    use jobplane_proto::pb;
+    use jobplane_tests::RawWorker;
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let hello = || pb::WorkerHello {
+        worker_id: "lost-worker".into(),
+        queues: vec!["lossy".into()],
+        concurrency: 4,
+        name: "raw".into(),
+        resources: Some(pb::Resources {
+            cpu: 4.0,
+            memory_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    let mut raw = RawWorker::connect_hello(&server.addr, hello()).await;
+    let first = client
+        .submit(JobSpec::new("lossy").cpu(4.0).retries(0))
+        .await
+        .unwrap()
+        .job;
+    let a = raw.assignments().await;
+    assert_eq!(a[0].job_id, first.id);
+    raw.ack(&first.id, a[0].attempt);
+    running(&client, &first.id).await;
+    // Gone without a word: the lease runs out and the attempt is lost.
+    drop(raw);
+    let w = guard("lost", client.wait(&first.id, LONG)).await.unwrap();
+    assert_eq!(w.job.state, JobState::Failed);
+    assert_eq!(w.job.error.unwrap().reason, "WORKER_LOST");
+    let mut raw = RawWorker::connect_hello(&server.addr, hello()).await;
+    let second = client
+        .submit(JobSpec::new("lossy").cpu(4.0))
+        .await
+        .unwrap()
+        .job;
+    let a = raw.assignments().await;
+    assert_eq!(a[0].job_id, second.id, "all four cores are free again");
+}

@@ -353,15 +353,9 @@ impl RawWorker {
         concurrency: u32,
         running: Vec<pb::AttemptRef>,
     ) -> RawWorker {
-        let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
-        let mut client = pb::worker_service_client::WorkerServiceClient::new(channel);
-        let (tx, rx) = mpsc::unbounded_channel();
-        tx.send(pb::ConnectRequest {
-            msg: Some(pb::connect_request::Msg::Hello(pb::WorkerHello {
+        Self::connect_hello(
+            addr,
+            pb::WorkerHello {
                 worker_id: id.to_string(),
                 namespace: String::new(),
                 queues: queues.iter().map(|q| q.to_string()).collect(),
@@ -370,7 +364,22 @@ impl RawWorker {
                 name: "raw".into(),
                 running,
                 resources: None,
-            })),
+            },
+        )
+        .await
+    }
+
+    /// Connects and sends this hello (resources, labels…).
+    pub async fn connect_hello(addr: &str, hello: pb::WorkerHello) -> RawWorker {
+        let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = pb::worker_service_client::WorkerServiceClient::new(channel);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(pb::ConnectRequest {
+            msg: Some(pb::connect_request::Msg::Hello(hello)),
         })
         .expect("send hello");
         let mut rx_stream = client
