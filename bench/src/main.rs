@@ -277,7 +277,7 @@ async fn main() -> anyhow::Result<()> {
         "pools: {} jobs of {} ms through a pool of {} units",
         args.pool_jobs, args.pool_work_ms, args.pool_limit
     );
-    let (pool_tput, pool_util) = pools::pool_throughput(
+    let (pool_tput, pool_util, pool_gaps) = pools::pool_throughput(
         &client,
         &addr,
         args.pool_jobs,
@@ -286,9 +286,11 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     eprintln!(
-        "  {pool_tput:.0} jobs/s, utilisation {:.1}% (ideal {:.0} jobs/s)",
+        "  {pool_tput:.0} jobs/s, utilisation {:.1}% (ideal {:.0} jobs/s); hand-over gap p50 {:.3} ms p99 {:.3} ms",
         pool_util * 100.0,
-        args.pool_limit as f64 * 1000.0 / args.pool_work_ms as f64
+        args.pool_limit as f64 * 1000.0 / args.pool_work_ms as f64,
+        ms(&pool_gaps, 0.5),
+        ms(&pool_gaps, 0.99)
     );
     eprintln!(
         "scheduler alone: {} waiting jobs over 100 pools",
@@ -321,6 +323,8 @@ async fn main() -> anyhow::Result<()> {
         "pool_wake_p99_ms": ms(&pool_wake, 0.99),
         "pool_jobs_per_sec": pool_tput.round(),
         "pool_utilisation": (pool_util * 1000.0).round() / 1000.0,
+        "pool_handover_p50_ms": ms(&pool_gaps, 0.5),
+        "pool_handover_p99_ms": ms(&pool_gaps, 0.99),
         "sched_enqueue_us": (enqueue_us * 100.0).round() / 100.0,
         "sched_decision_us": (decide_us * 100.0).round() / 100.0,
     });

@@ -89,14 +89,16 @@ pub async fn release_wake(
 }
 
 /// Throughput under a pool limit: `jobs` jobs of `work` each, all waiting for a pool of
-/// `limit` units. Returns jobs/s and the pool's utilisation (busy unit-time / available).
+/// `limit` units. Returns jobs/s, the pool's utilisation (busy unit-time / available) and the
+/// hand-over gaps: for each handler start after the first `limit`, the time since the latest
+/// handler end before it (the unit's idle time), in microseconds.
 pub async fn pool_throughput(
     client: &Client,
     addr: &str,
     jobs: usize,
     limit: u64,
     work: Duration,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<(f64, f64, Histogram<u64>)> {
     client
         .configure_pool(
             "bench-limit",
@@ -104,18 +106,21 @@ pub async fn pool_throughput(
         )
         .await?;
     let busy = Arc::new(Mutex::new(Duration::ZERO));
+    let spans: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::default();
     let workers: Vec<WorkerHandle> = (0..2)
         .map(|_| {
-            let busy = busy.clone();
+            let (busy, spans) = (busy.clone(), spans.clone());
             Worker::builder(addr)
                 .concurrency(limit as u32 * 2)
                 .handler("pool-tput", move |_ctx: JobContext| {
-                    let busy = busy.clone();
+                    let (busy, spans) = (busy.clone(), spans.clone());
                     async move {
                         let t = Instant::now();
                         // The job's work: holding the unit for a fixed time.
                         tokio::time::sleep(work).await;
-                        *busy.lock().expect("busy") += t.elapsed();
+                        let end = Instant::now();
+                        *busy.lock().expect("busy") += end - t;
+                        spans.lock().expect("spans").push((t, end));
                         Ok(Vec::new())
                     }
                 })
@@ -148,7 +153,18 @@ pub async fn pool_throughput(
     }
     let busy = *busy.lock().expect("busy");
     let utilisation = busy.as_secs_f64() / (limit as f64 * wall.as_secs_f64());
-    Ok((jobs as f64 / wall.as_secs_f64(), utilisation))
+    let mut spans = spans.lock().expect("spans").clone();
+    spans.sort();
+    let mut ends: Vec<Instant> = spans.iter().map(|s| s.1).collect();
+    ends.sort();
+    let mut gaps = Histogram::<u64>::new(3)?;
+    for (start, _) in spans.iter().skip(limit as usize) {
+        let before = ends.partition_point(|e| e <= start);
+        if let Some(end) = before.checked_sub(1).map(|i| ends[i]) {
+            gaps.record(start.duration_since(end).as_micros() as u64)?;
+        }
+    }
+    Ok((jobs as f64 / wall.as_secs_f64(), utilisation, gaps))
 }
 
 /// The scheduler alone: `waiting` jobs spread over `pools` pools of one unit each, all units
