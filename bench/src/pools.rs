@@ -189,7 +189,7 @@ pub fn decision_cost(waiting: usize, pools: usize) -> (f64, f64) {
             pk,
             EnginePoolConfig {
                 max_units: [("requests".to_string(), 1)].into(),
-                rates: vec![],
+                ..Default::default()
             },
             now,
         );

@@ -192,6 +192,8 @@ pub(crate) fn pool_config_to_pb(c: &PoolConfig) -> pb::PoolConfig {
                 burst: r.burst.unwrap_or(0),
             })
             .collect(),
+        shared: c.shared,
+        weights: c.weights.iter().map(|(k, v)| (k.clone(), *v)).collect(),
     }
 }
 
@@ -429,6 +431,8 @@ pub(crate) fn pool_config_from_pb(c: pb::PoolConfig) -> PoolConfig {
                 burst: (r.burst != 0).then_some(r.burst),
             })
             .collect(),
+        shared: c.shared,
+        weights: c.weights.into_iter().collect(),
     }
 }
 

@@ -906,6 +906,11 @@ pub struct PoolConfig {
     pub max_units: BTreeMap<String, u64>,
     /// Token-bucket rate limits; tokens are taken at dispatch.
     pub rates: Vec<RateLimit>,
+    /// Usable by the jobs of every namespace without a pool of this name of their own (only a
+    /// pool of the `default` namespace can be shared).
+    pub shared: bool,
+    /// Shares of a shared pool per namespace (a namespace not listed has weight 1).
+    pub weights: BTreeMap<String, u32>,
 }
 
 impl PoolConfig {
@@ -923,6 +928,18 @@ impl PoolConfig {
     /// Adds a rate limit.
     pub fn rate(mut self, rate: RateLimit) -> Self {
         self.rates.push(rate);
+        self
+    }
+
+    /// Shares the pool with every namespace (a pool of the `default` namespace only).
+    pub fn shared(mut self, shared: bool) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    /// Sets a namespace's weight in a shared pool (at least 1).
+    pub fn weight(mut self, namespace: impl Into<String>, weight: u32) -> Self {
+        self.weights.insert(namespace.into(), weight);
         self
     }
 }

@@ -995,3 +995,97 @@ async fn resources_are_released_when_the_worker_is_lost() {
     let a = raw.assignments().await;
     assert_eq!(a[0].job_id, second.id, "all four cores are free again");
 }
+
+#[tokio::test]
+async fn a_shared_pool_is_shared_fairly_between_namespaces() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    client
+        .configure_pool("llm", one_unit().shared(true))
+        .await
+        .unwrap();
+    let flood = client.with_namespace("flood");
+    let light = client.with_namespace("light");
+    // A pool of another namespace is not shared: only `default` can share.
+    let err = flood
+        .configure_pool("mine", one_unit().shared(true))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument { field, .. } if field.as_deref() == Some("config.shared")),
+        "{err:?}"
+    );
+
+    let started: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let release = Arc::new(Notify::new());
+    let mut workers = Vec::new();
+    for (ns, tag) in [("flood", "f"), ("light", "l")] {
+        let (started, release) = (started.clone(), release.clone());
+        let handler = move |ctx: JobContext| {
+            let (started, release) = (started.clone(), release.clone());
+            async move {
+                started.lock().unwrap().push(tag);
+                if ctx.payload() == b"hold" {
+                    release.notified().await;
+                }
+                Ok(vec![])
+            }
+        };
+        workers.push(
+            jobplane::Worker::builder(server.addr.as_str())
+                .namespace(ns)
+                .concurrency(8)
+                .handler("work", handler)
+                .build()
+                .unwrap()
+                .spawn(),
+        );
+    }
+    let llm = || PoolRequest::new("llm");
+    let holder = flood
+        .submit(JobSpec::new("work").payload("hold").pool(llm()))
+        .await
+        .unwrap()
+        .job;
+    running(&flood, &holder.id).await;
+    // The flooding namespace queues 20 jobs first; the light one 5 after them.
+    let mut flood_ids: Vec<String> = Vec::new();
+    for _ in 0..20 {
+        flood_ids.push(
+            flood
+                .submit(JobSpec::new("work").pool(llm()))
+                .await
+                .unwrap()
+                .job
+                .id,
+        );
+    }
+    let mut light_ids: Vec<String> = Vec::new();
+    for _ in 0..5 {
+        light_ids.push(
+            light
+                .submit(JobSpec::new("work").pool(llm()))
+                .await
+                .unwrap()
+                .job
+                .id,
+        );
+    }
+    let pool = client.get_pool("llm").await.unwrap();
+    assert_eq!((pool.running, pool.waiting), (1, 25), "{pool:?}");
+    release.notify_one();
+    for (c, ids) in [(&flood, flood_ids), (&light, light_ids)] {
+        let r = guard("all ran", c.wait_many(ids, WaitMode::All, LONG))
+            .await
+            .unwrap();
+        assert!(r.reached);
+        assert!(r.results.iter().all(|w| w.job.state == JobState::Succeeded));
+    }
+    // First in, first out would start the light namespace's jobs last; sharing the pool
+    // alternates between the namespaces while both wait.
+    let order: String = started.lock().unwrap().concat();
+    assert_eq!(&order[..11], "flflflflflf", "start order {order}");
+    for w in workers {
+        w.stop().await.unwrap();
+    }
+}

@@ -66,6 +66,8 @@ async fn pools_set_get_ls_rm_through_the_cli() {
                 {"unit": "tokens", "amount": 90000, "per": "1m", "burst": 90000},
                 {"unit": "requests", "amount": 10, "per": "1s", "burst": 20},
             ],
+            "shared": false,
+            "weights": {},
         })
     );
 
@@ -137,8 +139,44 @@ async fn pools_set_get_ls_rm_through_the_cli() {
     .await;
     assert_eq!(
         set["config"],
-        json!({"max_units": {"requests": 3}, "rates": []})
+        json!({"max_units": {"requests": 3}, "rates": [], "shared": false, "weights": {}})
     );
+
+    // A shared pool, with a namespace weighing more than the others.
+    let shared = cli_json(
+        addr,
+        &[
+            "pools",
+            "set",
+            "llm",
+            "--max-units",
+            "requests=4",
+            "--shared",
+            "--weight",
+            "team-a=3",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(shared["config"]["shared"], true);
+    assert_eq!(shared["config"]["weights"], json!({"team-a": 3}));
+    let (code, table, _) = cli(addr, &["pools", "get", "llm"]).await;
+    assert_eq!(code, 0);
+    assert!(table.contains("team-a=3"), "{table}");
+    for (bad, want) in [
+        (vec!["--weight", "team-a=3"], "--shared"),
+        (vec!["--shared", "--weight", "team-a=0"], "at least 1"),
+        (vec!["--shared", "--weight", "=2"], "namespace is missing"),
+    ] {
+        let mut args = vec!["pools", "set", "llm", "--max-units", "requests=1"];
+        args.extend(bad);
+        let (code, _, stderr) = cli(addr, &args).await;
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
+    let rm = cli_json(addr, &["pools", "rm", "llm", "--output", "json"]).await;
+    assert_eq!(rm["deleted"], true);
 
     let rm = cli_json(addr, &["pools", "rm", "gpt-4o", "--output", "json"]).await;
     assert_eq!(rm["deleted"], true);

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::error::{invalid, to_status};
-use crate::engine::model::{PoolKey, QueueKey, WorkerId};
+use crate::engine::model::{Name, PoolKey, QueueKey, WorkerId};
 use crate::engine::Engine;
 
 pub(crate) struct Admin {
@@ -106,6 +106,12 @@ impl pb::admin_service_server::AdminService for Admin {
         let r = req.into_inner();
         let key = pool_key(&r.namespace, &r.name)?;
         let config = convert::pool_config(r.config, "config").map_err(to_status)?;
+        if config.shared && key.namespace != Name::default_namespace() {
+            return Err(invalid(
+                "config.shared",
+                "only a pool of the \"default\" namespace can be shared",
+            ));
+        }
         let info = self
             .engine
             .configure_pool(key, config)

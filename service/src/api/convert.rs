@@ -453,7 +453,30 @@ pub fn pool_config(c: Option<pb::PoolConfig>, f: &str) -> R<PoolConfig> {
             })
         })
         .collect::<R<Vec<_>>>()?;
-    Ok(PoolConfig { max_units, rates })
+    let weights = c
+        .weights
+        .into_iter()
+        .map(|(ns, w)| {
+            let wf = format!("{f}.weights[{ns:?}]");
+            let ns = name(&ns, &wf)?;
+            if w == 0 {
+                return Err(inv(&wf, "must be at least 1"));
+            }
+            Ok((ns, w))
+        })
+        .collect::<R<BTreeMap<_, _>>>()?;
+    if !weights.is_empty() && !c.shared {
+        return Err(inv(
+            &format!("{f}.weights"),
+            "only a shared pool has weights (set shared)",
+        ));
+    }
+    Ok(PoolConfig {
+        max_units,
+        rates,
+        shared: c.shared,
+        weights,
+    })
 }
 
 /// A pool's settings as a wire value.
@@ -469,6 +492,12 @@ pub fn pb_pool_config(c: &PoolConfig) -> pb::PoolConfig {
                 per: Some(pb_duration(r.per)),
                 burst: r.burst,
             })
+            .collect(),
+        shared: c.shared,
+        weights: c
+            .weights
+            .iter()
+            .map(|(ns, w)| (ns.to_string(), *w))
             .collect(),
     }
 }
@@ -962,6 +991,7 @@ mod tests {
                     rate("tokens", 90_000, Some(60_000), 0),
                     rate("requests", 10, Some(1000), 20),
                 ],
+                ..Default::default()
             }),
             "config",
         )
@@ -999,6 +1029,7 @@ mod tests {
             bad(pb::PoolConfig {
                 max_units: [("requests".to_owned(), 0)].into(),
                 rates: vec![],
+                ..Default::default()
             }),
             "config.max_units[\"requests\"]"
         );
@@ -1006,6 +1037,7 @@ mod tests {
             bad(pb::PoolConfig {
                 max_units: [("no spaces".to_owned(), 1)].into(),
                 rates: vec![],
+                ..Default::default()
             }),
             "config.max_units[\"no spaces\"]"
         );
@@ -1019,6 +1051,7 @@ mod tests {
                 bad(pb::PoolConfig {
                     max_units: Default::default(),
                     rates: vec![rate("requests", 1, Some(1), 0), r],
+                    ..Default::default()
                 }),
                 want
             );
@@ -1029,9 +1062,48 @@ mod tests {
                 rates: (0..17)
                     .map(|_| rate("requests", 1, Some(1000), 0))
                     .collect(),
+                ..Default::default()
             }),
             "config.rates"
         );
+        let one = || pb::PoolConfig {
+            max_units: [("requests".to_owned(), 1)].into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            bad(pb::PoolConfig {
+                weights: [("team".to_owned(), 2)].into(),
+                ..one()
+            }),
+            "config.weights"
+        );
+        assert_eq!(
+            bad(pb::PoolConfig {
+                shared: true,
+                weights: [("team".to_owned(), 0)].into(),
+                ..one()
+            }),
+            "config.weights[\"team\"]"
+        );
+        assert_eq!(
+            bad(pb::PoolConfig {
+                shared: true,
+                weights: [("no spaces".to_owned(), 1)].into(),
+                ..one()
+            }),
+            "config.weights[\"no spaces\"]"
+        );
+        let c = pool_config(
+            Some(pb::PoolConfig {
+                shared: true,
+                weights: [("team".to_owned(), 3)].into(),
+                ..one()
+            }),
+            "config",
+        )
+        .unwrap();
+        assert_eq!(c.weight(&Name::parse("team").unwrap()), 3);
+        assert_eq!(c.weight(&Name::parse("other").unwrap()), 1);
     }
 
     #[test]

@@ -108,6 +108,13 @@ pub struct PoolsSetArgs {
     /// `tokens=90000/1m` or `requests=10/1s:burst=20` (repeatable).
     #[arg(long = "rate", value_name = "UNIT=N/DURATION[:burst=B]", value_parser = parse_rate)]
     pub rates: Vec<RateLimit>,
+    /// Share the pool with every namespace that has no pool of this name of its own (a pool of
+    /// the default namespace only); contending namespaces get capacity by weight.
+    #[arg(long)]
+    pub shared: bool,
+    /// A namespace's weight in a shared pool, e.g. `team-a=3` (repeatable; unlisted: 1).
+    #[arg(long = "weight", value_name = "NAMESPACE=W", value_parser = parse_weight, requires = "shared")]
+    pub weights: Vec<(String, u32)>,
     #[command(flatten)]
     pub conn: ConnArgs,
     #[command(flatten)]
@@ -297,7 +304,29 @@ fn pool_config(args: &PoolsSetArgs) -> PoolConfig {
     for rate in &args.rates {
         config = config.rate(rate.clone());
     }
+    config = config.shared(args.shared);
+    for (ns, w) in &args.weights {
+        config = config.weight(ns.clone(), *w);
+    }
     config
+}
+
+/// Parses `NAMESPACE=W` with W a whole number of at least 1.
+fn parse_weight(s: &str) -> Result<(String, u32), String> {
+    let usage = "expected NAMESPACE=W, e.g. team-a=3";
+    let (ns, w) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{usage}; got `{s}`"))?;
+    let ns = ns.trim();
+    if ns.is_empty() {
+        return Err(format!("{usage}; got `{s}`: the namespace is missing"));
+    }
+    match w.trim().parse::<u32>() {
+        Ok(w) if w >= 1 => Ok((ns.to_owned(), w)),
+        _ => Err(format!(
+            "{usage}; got `{s}`: `{w}` is not a whole number of at least 1"
+        )),
+    }
 }
 
 /// `jobplane workers …`.

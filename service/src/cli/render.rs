@@ -471,6 +471,8 @@ pub fn pool_value(p: &PoolInfo) -> Value {
                 "per": duration(r.per),
                 "burst": r.burst.unwrap_or(r.amount),
             })).collect::<Vec<_>>(),
+            "shared": p.config.shared,
+            "weights": p.config.weights,
         },
         "in_use": p.in_use,
         "tokens": p.tokens,
@@ -576,6 +578,16 @@ pub fn pool_table(p: &PoolInfo) -> String {
         ),
         ("epoch", p.epoch.to_string()),
     ];
+    if p.config.shared {
+        let weights: Vec<String> = p
+            .config
+            .weights
+            .iter()
+            .map(|(k, w)| format!("{k}={w}"))
+            .collect();
+        rows.push(("shared", "yes".to_owned()));
+        rows.push(("weights", weights.join(",")));
+    }
     if p.namespace != jobplane::DEFAULT_NAMESPACE {
         rows.push(("namespace", p.namespace.clone()));
     }

@@ -697,15 +697,15 @@ impl Core {
             });
         }
         for (j, req) in spec.demand.pools.iter().enumerate() {
-            let key = PoolKey {
-                namespace: spec.namespace.clone(),
-                name: req.pool.clone(),
-            };
-            let Some(config) = self.sched.pool_config(&key) else {
+            let Some(config) = self
+                .sched
+                .resolve_pool(&spec.namespace, &req.pool)
+                .and_then(|key| self.sched.pool_config(&key))
+            else {
                 return Err(EngineError::InvalidArgument {
                     field: format!("{field}.pools[{j}].pool"),
                     message: format!(
-                        "no pool named {} in namespace {} (create it first)",
+                        "no pool named {} in namespace {} nor a shared one (create it first)",
                         req.pool, spec.namespace
                     ),
                 });
@@ -1471,14 +1471,16 @@ impl Core {
                         .as_deref()
                         .and_then(|p| Name::parse(p).ok())
                         .or_else(|| job.pool.clone());
-                    let cooled = named.as_ref().is_some_and(|name| {
-                        let key = PoolKey {
-                            namespace: job.namespace.clone(),
-                            name: name.clone(),
-                        };
-                        self.sched
-                            .rate_limited(&key, Instant::now() + retry_after, Instant::now())
-                    });
+                    let cooled = named
+                        .as_ref()
+                        .and_then(|name| self.sched.resolve_pool(&job.namespace, name))
+                        .is_some_and(|key| {
+                            self.sched.rate_limited(
+                                &key,
+                                Instant::now() + retry_after,
+                                Instant::now(),
+                            )
+                        });
                     let what = pool.map(|p| format!(" on pool {p}")).unwrap_or_default();
                     self.requeue(
                         id,

@@ -254,6 +254,32 @@ pub struct PoolConfig {
     /// Token buckets; tokens are taken at dispatch.
     #[serde(default)]
     pub rates: Vec<RateLimit>,
+    /// Usable by the jobs of every namespace that has no pool of this name of its own (only a
+    /// pool of the `default` namespace can be shared).
+    #[serde(default)]
+    pub shared: bool,
+    /// Shares of a shared pool, per namespace (a namespace not listed has weight 1): while
+    /// namespaces contend for it, each gets capacity in proportion to its weight.
+    #[serde(default)]
+    pub weights: BTreeMap<Name, u32>,
+}
+
+impl PoolConfig {
+    /// A namespace's weight in this pool.
+    pub fn weight(&self, ns: &Name) -> u32 {
+        self.weights.get(ns).copied().unwrap_or(1).max(1)
+    }
+
+    /// The share of this pool that `units` take, for fair sharing: the largest fraction of any
+    /// limit (a concurrency limit or a bucket's burst); zero if they take no limited unit.
+    pub fn cost(&self, units: &BTreeMap<Unit, u64>) -> f64 {
+        let frac = |u: &Unit, max: u64| units.get(u).copied().unwrap_or(0) as f64 / max as f64;
+        self.max_units
+            .iter()
+            .map(|(u, max)| frac(u, *max))
+            .chain(self.rates.iter().map(|r| frac(&r.unit, r.burst)))
+            .fold(0.0, f64::max)
+    }
 }
 
 /// One entry of a job's capacity request.

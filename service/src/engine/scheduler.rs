@@ -37,9 +37,12 @@
 //!
 //! # Fairness
 //!
-//! Queues, pools and workers belong to one namespace, so one tenant cannot take what another's
-//! jobs wait for. Within a pool, waiters are served in rank order whatever their queue; queues
-//! with dispatchable work are served round-robin by the engine (dirty queues in key order).
+//! Queues and workers belong to one namespace, so one tenant cannot take what another's jobs
+//! wait for. A pool belongs to one namespace too, unless it is a shared pool of the `default`
+//! namespace: then the jobs of every namespace without a pool of that name of their own use it,
+//! and it is shared among them by weight (stride scheduling, see [`Waiters`]). Within a
+//! namespace, a pool's waiters are served in rank order whatever their queue. Queues with work
+//! take turns, one dispatch each, so queues sharing a worker share its slots.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -108,6 +111,8 @@ enum Spot {
 struct Waiting {
     rank: Rank,
     queue: QueueKey,
+    /// The pools its request names, resolved (its namespace's own, or a shared one).
+    pools: Vec<PoolKey>,
     attempt: u32,
     demand: Arc<Demand>,
     /// When it became ready: the start of its pools' escalation schedule.
@@ -152,9 +157,145 @@ impl Waiting {
     }
 
     fn pool_key(&self, i: usize) -> PoolKey {
-        PoolKey {
-            namespace: self.queue.namespace.clone(),
-            name: self.demand.pools[i].pool.clone(),
+        self.pools[i].clone()
+    }
+
+    /// What it asks of pool `pk` (one it names).
+    fn units_for(&self, pk: &PoolKey) -> Option<&BTreeMap<Unit, u64>> {
+        let i = self.pools.iter().position(|k| k == pk)?;
+        Some(&self.demand.pools[i].units)
+    }
+}
+
+/// A pool's waiting jobs, in service order: each namespace's own in rank order; between
+/// namespaces, weighted fair sharing by stride scheduling. Every namespace has a `pass`, the
+/// service it has received so far: what it took of the pool (as a share of the pool, see
+/// [`PoolConfig::cost`]) divided by its weight. The namespace with the least pass goes first
+/// (ties by name). A namespace that starts waiting again after it had no waiters starts at the
+/// pool's virtual time (the pass of the namespace served last), so it banks no credit while
+/// away and cannot starve the others when it returns. With one namespace this is rank order.
+#[derive(Debug, Default)]
+struct Waiters {
+    by_ns: BTreeMap<Name, BTreeSet<Rank>>,
+    pass: HashMap<Name, f64>,
+    vtime: f64,
+}
+
+impl Waiters {
+    fn pass(&self, ns: &Name) -> f64 {
+        self.pass.get(ns).copied().unwrap_or(0.0).max(self.vtime)
+    }
+
+    fn insert(&mut self, ns: &Name, rank: Rank) {
+        if !self.by_ns.contains_key(ns) {
+            let p = self.pass(ns);
+            self.pass.insert(ns.clone(), p);
+        }
+        self.by_ns.entry(ns.clone()).or_default().insert(rank);
+    }
+
+    fn remove(&mut self, ns: &Name, rank: &Rank) {
+        if let Some(set) = self.by_ns.get_mut(ns) {
+            set.remove(rank);
+            if set.is_empty() {
+                self.by_ns.remove(ns);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn contains(&self, ns: &Name, rank: &Rank) -> bool {
+        self.by_ns.get(ns).is_some_and(|set| set.contains(rank))
+    }
+
+    /// Service order of two namespaces' next jobs.
+    fn ns_order(&self, a: &Name, b: &Name) -> std::cmp::Ordering {
+        self.pass(a).total_cmp(&self.pass(b)).then_with(|| a.cmp(b))
+    }
+
+    /// The waiter served first.
+    fn head(&self) -> Option<(&Name, Rank)> {
+        self.by_ns
+            .iter()
+            .min_by(|a, b| self.ns_order(a.0, b.0))
+            .and_then(|(ns, set)| Some((ns, *set.first()?)))
+    }
+
+    /// Whether waiter `a` is served before job `b` (a waiter or not).
+    fn before(&self, a: (&Name, Rank), b: (&Name, Rank)) -> bool {
+        if a.0 == b.0 {
+            a.1 < b.1
+        } else {
+            self.ns_order(a.0, b.0).is_lt()
+        }
+    }
+
+    /// A job of `ns` took `share` of the pool (its cost over its namespace's weight).
+    fn charge(&mut self, ns: &Name, share: f64) {
+        let p = self.pass(ns);
+        self.vtime = self.vtime.max(p);
+        self.pass.insert(ns.clone(), p + share);
+        // Bounded: a namespace with no waiters at or below the virtual time needs no entry.
+        if self.pass.len() > 2 * self.by_ns.len() + 64 {
+            let (vtime, by_ns) = (self.vtime, &self.by_ns);
+            self.pass.retain(|k, p| *p > vtime || by_ns.contains_key(k));
+        }
+    }
+
+    /// The waiters in service order, charging as the caller says they take capacity.
+    fn in_order(&self) -> ServiceOrder<'_> {
+        ServiceOrder {
+            cursors: self
+                .by_ns
+                .iter()
+                .map(|(ns, set)| {
+                    let mut it = set.iter();
+                    Cursor {
+                        ns,
+                        pass: self.pass(ns),
+                        next: it.next().copied(),
+                        rest: it,
+                    }
+                })
+                .collect(),
+            last: None,
+        }
+    }
+}
+
+/// [`Waiters::in_order`]: yields waiters in service order; [`ServiceOrder::charge`] counts
+/// what the last one yielded takes, which moves its namespace back in the order.
+struct ServiceOrder<'a> {
+    cursors: Vec<Cursor<'a>>,
+    last: Option<usize>,
+}
+
+struct Cursor<'a> {
+    ns: &'a Name,
+    pass: f64,
+    next: Option<Rank>,
+    rest: std::collections::btree_set::Iter<'a, Rank>,
+}
+
+impl<'a> ServiceOrder<'a> {
+    fn next(&mut self) -> Option<(&'a Name, Rank)> {
+        let i = self
+            .cursors
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.next.is_some())
+            .min_by(|(_, a), (_, b)| a.pass.total_cmp(&b.pass).then_with(|| a.ns.cmp(b.ns)))
+            .map(|(i, _)| i)?;
+        self.last = Some(i);
+        let c = &mut self.cursors[i];
+        let rank = c.next?;
+        c.next = c.rest.next().copied();
+        Some((c.ns, rank))
+    }
+
+    fn charge(&mut self, share: f64) {
+        if let Some(i) = self.last {
+            self.cursors[i].pass += share;
         }
     }
 }
@@ -261,7 +402,7 @@ struct Pool {
     buckets: Vec<Bucket>,
     cooldown_until: Option<Instant>,
     epoch: u64,
-    waiters: BTreeSet<Rank>,
+    waiters: Waiters,
     running: u64,
     /// Queued jobs that ask for it (a pool asked for cannot be deleted).
     refs: u64,
@@ -277,7 +418,7 @@ impl Pool {
             buckets,
             cooldown_until: None,
             epoch: 0,
-            waiters: BTreeSet::new(),
+            waiters: Waiters::default(),
             running: 0,
             refs: 0,
             timer: None,
@@ -453,6 +594,8 @@ pub struct Scheduler {
     timers: BTreeMap<TimerKey, Wake>,
     timer_seq: u64,
     dirty_queues: BTreeSet<QueueKey>,
+    /// The queue dispatched last: queues with work take turns, one job each.
+    last_queue: Option<QueueKey>,
     dirty_pools: BTreeSet<PoolKey>,
     /// Jobs a pool woke counting on them to take its capacity: if one is still waiting once
     /// its queue was dispatched, the pool is woken again for the next waiter.
@@ -474,6 +617,34 @@ impl Scheduler {
     /// Whether a pool exists.
     pub fn pool_config(&self, key: &PoolKey) -> Option<&PoolConfig> {
         self.pools.get(key).map(|p| &p.config)
+    }
+
+    /// The pool a job of namespace `ns` gets when it names `name`: its namespace's own, else a
+    /// shared pool of the `default` namespace.
+    pub fn resolve_pool(&self, ns: &Name, name: &Name) -> Option<PoolKey> {
+        let own = PoolKey {
+            namespace: ns.clone(),
+            name: name.clone(),
+        };
+        if self.pools.contains_key(&own) {
+            return Some(own);
+        }
+        let shared = PoolKey {
+            namespace: Name::default_namespace(),
+            name: name.clone(),
+        };
+        self.pools
+            .get(&shared)
+            .is_some_and(|p| p.config.shared)
+            .then_some(shared)
+    }
+
+    /// [`Self::resolve_pool`], or the namespace's own key if there is no such pool.
+    fn resolve_or_own(&self, ns: &Name, name: &Name) -> PoolKey {
+        self.resolve_pool(ns, name).unwrap_or_else(|| PoolKey {
+            namespace: ns.clone(),
+            name: name.clone(),
+        })
     }
 
     /// Creates a pool or changes its limits (units in use, cooldown and bucket levels carry
@@ -725,18 +896,20 @@ impl Scheduler {
             seq: self.seq,
             id,
         };
-        for p in &demand.pools {
-            let key = PoolKey {
-                namespace: queue.namespace.clone(),
-                name: p.pool.clone(),
-            };
-            if let Some(pool) = self.pools.get_mut(&key) {
+        let keys: Vec<PoolKey> = demand
+            .pools
+            .iter()
+            .map(|p| self.resolve_or_own(&queue.namespace, &p.pool))
+            .collect();
+        for key in &keys {
+            if let Some(pool) = self.pools.get_mut(key) {
                 pool.refs += 1;
             }
         }
         let mut w = Waiting {
             rank,
             queue: queue.clone(),
+            pools: keys,
             attempt,
             demand,
             since: now,
@@ -779,8 +952,8 @@ impl Scheduler {
             Spot::Parked(pools) => {
                 for pk in pools {
                     if let Some(p) = self.pools.get_mut(pk) {
-                        let was_head = p.waiters.first() == Some(&w.rank);
-                        p.waiters.remove(&w.rank);
+                        let was_head = p.waiters.head().map(|h| h.1) == Some(w.rank);
+                        p.waiters.remove(&w.queue.namespace, &w.rank);
                         if was_head {
                             // The reservation it held is gone.
                             self.dirty_pools.insert(pk.clone());
@@ -868,10 +1041,7 @@ impl Scheduler {
         self.queues.entry(queue.clone()).or_default().held += 1;
         let pool = pool.and_then(|name| {
             let req = demand.pools.iter().find(|p| &p.pool == name)?;
-            let key = PoolKey {
-                namespace: queue.namespace.clone(),
-                name: name.clone(),
-            };
+            let key = self.resolve_pool(&queue.namespace, name)?;
             // Tokens were taken at the original dispatch; only the units are held again.
             let p = self.pools.get_mut(&key)?;
             for (u, n) in &req.units {
@@ -971,13 +1141,27 @@ impl Scheduler {
         out
     }
 
+    /// The dirty queue after the one dispatched last (round robin), taken out of the set.
+    fn next_dirty_queue(&mut self) -> Option<QueueKey> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let next = self
+            .last_queue
+            .as_ref()
+            .and_then(|last| self.dirty_queues.range((Excluded(last), Unbounded)).next())
+            .or_else(|| self.dirty_queues.first())
+            .cloned()?;
+        self.dirty_queues.remove(&next);
+        self.last_queue = Some(next.clone());
+        Some(next)
+    }
+
     fn run_dirty(&mut self, now: Instant, out: &mut Vec<Decision>) {
         loop {
             if let Some(pk) = self.dirty_pools.pop_first() {
                 self.wake_pool(&pk, now);
                 continue;
             }
-            if let Some(qk) = self.dirty_queues.pop_first() {
+            if let Some(qk) = self.next_dirty_queue() {
                 self.dispatch_queue(&qk, now, out);
                 continue;
             }
@@ -1047,11 +1231,11 @@ impl Scheduler {
             Spot::Parked(pools) => {
                 for pk in pools {
                     if let Some(p) = self.pools.get_mut(&pk) {
-                        if p.waiters.first() == Some(&rank) && waker != Some(&pk) {
+                        if p.waiters.head().map(|h| h.1) == Some(rank) && waker != Some(&pk) {
                             // The reservation it held is gone: the next waiter may fit.
                             self.dirty_pools.insert(pk.clone());
                         }
-                        p.waiters.remove(&rank);
+                        p.waiters.remove(&qk.namespace, &rank);
                     }
                 }
             }
@@ -1064,7 +1248,7 @@ impl Scheduler {
         self.dirty_queues.insert(qk);
     }
 
-    /// Capacity of a pool may have freed: wake the waiters it can serve, in rank order,
+    /// Capacity of a pool may have freed: wake the waiters it can serve, in service order,
     /// counting what each will take; stop at the first it cannot (it keeps its reservation).
     fn wake_pool(&mut self, pk: &PoolKey, now: Instant) {
         let Some(p) = self.pools.get(pk) else { return };
@@ -1072,14 +1256,15 @@ impl Scheduler {
         let mut wake = Vec::new();
         let mut counted = Vec::new();
         let mut blocked = None;
-        for rank in &p.waiters {
+        let mut order = p.waiters.in_order();
+        while let Some((ns, rank)) = order.next() {
             let Some(w) = self.waiting.get(&rank.id) else {
                 continue;
             };
-            let Some(req) = w.demand.pools.iter().find(|r| r.pool == pk.name) else {
+            let Some(units) = w.units_for(pk) else {
                 continue;
             };
-            match p.check(&req.units, &tentative, now) {
+            match p.check(units, &tentative, now) {
                 Ok(()) => {
                     wake.push(rank.id);
                     // A job whose queue cannot start it now takes nothing yet: the next waiter
@@ -1093,9 +1278,10 @@ impl Scheduler {
                             })
                     });
                     if startable {
-                        for (u, n) in &req.units {
+                        for (u, n) in units {
                             *tentative.entry(u.clone()).or_insert(0) += n;
                         }
+                        order.charge(p.config.cost(units) / f64::from(p.config.weight(ns)));
                         counted.push(rank.id);
                     }
                 }
@@ -1207,12 +1393,12 @@ impl Scheduler {
                         continue;
                     };
                     let units = &demand.pools[i].units;
-                    let also = match p.waiters.first() {
-                        Some(head) if *head < rank => self
+                    let also = match p.waiters.head() {
+                        Some(head) if p.waiters.before(head, (&qk.namespace, rank)) => self
                             .waiting
-                            .get(&head.id)
-                            .and_then(|h| h.demand.pools.iter().find(|r| r.pool == pk.name))
-                            .map_or(NO_RESERVATION, |r| &r.units),
+                            .get(&head.1.id)
+                            .and_then(|h| h.units_for(&pk))
+                            .unwrap_or(NO_RESERVATION),
                         _ => NO_RESERVATION,
                     };
                     match p.check(units, also, now) {
@@ -1242,11 +1428,14 @@ impl Scheduler {
                     q.ready.remove(&rank);
                     for pk in &parked_on {
                         if let Some(p) = self.pools.get_mut(pk) {
-                            p.waiters.insert(rank);
+                            p.waiters.insert(&qk.namespace, rank);
                         }
                     }
                     for (pk, b) in parked_on.iter().zip(blocks) {
-                        let head = self.pools.get(pk).and_then(|p| p.waiters.first().copied());
+                        let head = self
+                            .pools
+                            .get(pk)
+                            .and_then(|p| p.waiters.head().map(|h| h.1));
                         if head == Some(rank) {
                             self.arm_pool(pk, Some(b), now);
                         }
@@ -1285,7 +1474,10 @@ impl Scheduler {
             wk.in_use.cpu_millis += demand.resources.cpu_millis;
             wk.in_use.memory_bytes += demand.resources.memory_bytes;
             if let Some((pk, units)) = &pool {
-                self.pools.get_mut(pk).expect("pool").take(units, now);
+                let p = self.pools.get_mut(pk).expect("pool");
+                p.take(units, now);
+                let share = p.config.cost(units) / f64::from(p.config.weight(&qk.namespace));
+                p.waiters.charge(&qk.namespace, share);
             }
             let pool_name = pool.as_ref().map(|(pk, _)| pk.name.clone());
             self.allocs.insert(
@@ -1307,6 +1499,10 @@ impl Scheduler {
                 worker,
                 pool: pool_name,
             });
+            // One job per turn: other queues with work (sharing its workers or pools) go
+            // next, then this one again.
+            self.dirty_queues.insert(qk.clone());
+            return;
         }
     }
 
@@ -1439,7 +1635,10 @@ impl Scheduler {
                 Spot::Unplaced => assert!(q.unplaced.contains(&w.rank), "{id} unplaced"),
                 Spot::Parked(ps) => {
                     for pk in ps {
-                        assert!(self.pools[pk].waiters.contains(&w.rank), "{id} parked");
+                        assert!(
+                            self.pools[pk].waiters.contains(&w.queue.namespace, &w.rank),
+                            "{id} parked"
+                        );
                     }
                 }
             }
@@ -1479,7 +1678,7 @@ mod tests {
     fn max_units(n: u64) -> PoolConfig {
         PoolConfig {
             max_units: units(&[("requests", n)]),
-            rates: vec![],
+            ..Default::default()
         }
     }
 
@@ -1536,6 +1735,33 @@ mod tests {
             self.s
                 .enqueue(id, &qk(queue), priority, 1, demand, self.at(at));
             id
+        }
+
+        /// A job of queue `queue` in namespace `ns`.
+        fn ns_job(&mut self, ns: &str, queue: &str, demand: Arc<Demand>, at: u64) -> JobId {
+            let id = JobId::new();
+            let key = QueueKey {
+                namespace: Name::parse(ns).unwrap(),
+                name: Name::parse(queue).unwrap(),
+            };
+            self.s.enqueue(id, &key, 0, 1, demand, self.at(at));
+            id
+        }
+
+        fn ns_worker(&mut self, id: &str, ns: &str, queue: &str, slots: u32) {
+            let key = QueueKey {
+                namespace: Name::parse(ns).unwrap(),
+                name: Name::parse(queue).unwrap(),
+            };
+            self.s.set_worker(
+                &wid(id),
+                WorkerSpec {
+                    queues: vec![key],
+                    slots,
+                    resources: Resources::default(),
+                    labels: BTreeMap::new(),
+                },
+            );
         }
 
         fn decide(&mut self, at: u64) -> Vec<Decision> {
@@ -1600,6 +1826,152 @@ mod tests {
         );
         t.s.release(rest[0], 1);
         assert_eq!(dispatched(&t.decide(2)), vec![rest[1]]);
+    }
+
+    /// Rounds of: every running attempt ends, then what can start starts. Returns the
+    /// namespaces of the jobs that started, in order.
+    fn run_rounds(t: &mut T, jobs: &HashMap<JobId, &'static str>, rounds: usize) -> String {
+        let mut order = String::new();
+        for round in 0..rounds {
+            let running: Vec<(JobId, u32)> = t.s.allocs.keys().copied().collect();
+            for (id, attempt) in running {
+                t.s.release(id, attempt);
+            }
+            for id in dispatched(&t.decide(100 + round as u64)) {
+                order.push_str(jobs[&id]);
+            }
+        }
+        order
+    }
+
+    fn shared_pool(max: u64, weights: &[(&str, u32)]) -> PoolConfig {
+        PoolConfig {
+            shared: true,
+            weights: weights
+                .iter()
+                .map(|(n, w)| (Name::parse(n).unwrap(), *w))
+                .collect(),
+            ..max_units(max)
+        }
+    }
+
+    #[test]
+    fn a_shared_pool_alternates_between_namespaces_whoever_came_first() {
+        let mut t = T::new();
+        t.s.set_pool(&pk("llm"), shared_pool(1, &[]), t.at(0));
+        t.ns_worker("wa", "a", "q", 100);
+        t.ns_worker("wb", "b", "q", 100);
+        let d = || pools(vec![req("llm", &[("requests", 1)], None)]);
+        let mut jobs = HashMap::new();
+        // Namespace a floods the pool first; b arrives later with fewer jobs.
+        for _ in 0..10 {
+            jobs.insert(t.ns_job("a", "q", d(), 0), "a");
+        }
+        for _ in 0..3 {
+            jobs.insert(t.ns_job("b", "q", d(), 0), "b");
+        }
+        assert_eq!(run_rounds(&mut t, &jobs, 13), "abababaaaaaaa");
+    }
+
+    #[test]
+    fn a_shared_pool_gives_capacity_by_weight() {
+        let mut t = T::new();
+        t.s.set_pool(&pk("llm"), shared_pool(2, &[("a", 3)]), t.at(0));
+        t.ns_worker("wa", "a", "q", 100);
+        t.ns_worker("wb", "b", "q", 100);
+        let d = || pools(vec![req("llm", &[("requests", 1)], None)]);
+        let mut jobs = HashMap::new();
+        for _ in 0..100 {
+            jobs.insert(t.ns_job("b", "q", d(), 0), "b");
+            jobs.insert(t.ns_job("a", "q", d(), 0), "a");
+        }
+        let order = run_rounds(&mut t, &jobs, 40);
+        assert_eq!(order.len(), 80, "two at a time: {order}");
+        let a = order.matches('a').count();
+        assert!(
+            (58..=62).contains(&a),
+            "a weighs 3 to b's 1: {a} of 80 in {order}"
+        );
+    }
+
+    #[test]
+    fn a_namespace_banks_no_credit_while_it_does_not_wait() {
+        let mut t = T::new();
+        t.s.set_pool(&pk("llm"), shared_pool(1, &[]), t.at(0));
+        t.ns_worker("wa", "a", "q", 100);
+        t.ns_worker("wb", "b", "q", 100);
+        let d = || pools(vec![req("llm", &[("requests", 1)], None)]);
+        let mut jobs = HashMap::new();
+        for _ in 0..30 {
+            jobs.insert(t.ns_job("a", "q", d(), 0), "a");
+        }
+        assert_eq!(run_rounds(&mut t, &jobs, 20), "a".repeat(20));
+        // b had the pool to itself for nothing: it now shares it, not takes 20 turns.
+        for _ in 0..10 {
+            let id = t.ns_job("b", "q", d(), 30);
+            jobs.insert(id, "b");
+        }
+        let order = run_rounds(&mut t, &jobs, 8);
+        assert!(order.matches('a').count() >= 3, "{order}");
+    }
+
+    #[test]
+    fn shares_follow_the_size_of_what_jobs_take() {
+        let mut t = T::new();
+        t.s.set_pool(&pk("llm"), shared_pool(4, &[]), t.at(0));
+        t.ns_worker("wa", "a", "q", 100);
+        t.ns_worker("wb", "b", "q", 100);
+        let mut jobs = HashMap::new();
+        for _ in 0..200 {
+            // a's jobs take the whole pool, b's a quarter of it.
+            let big = pools(vec![req("llm", &[("requests", 4)], None)]);
+            jobs.insert(t.ns_job("a", "q", big, 0), "a");
+            let small = pools(vec![req("llm", &[("requests", 1)], None)]);
+            jobs.insert(t.ns_job("b", "q", small, 0), "b");
+        }
+        let order = run_rounds(&mut t, &jobs, 40);
+        // Equal shares of the pool: one big job per four small ones.
+        let (a, b) = (order.matches('a').count(), order.matches('b').count());
+        assert!(b >= 3 * a && b <= 5 * a + 4, "a {a} b {b}: {order}");
+    }
+
+    #[test]
+    fn queues_sharing_a_worker_take_turns() {
+        let mut t = T::new();
+        t.worker("w", &["qa", "qb"], 1, Resources::default());
+        let mut jobs = HashMap::new();
+        for _ in 0..10 {
+            jobs.insert(t.job("qa", 0, Default::default(), 0), "a");
+        }
+        for _ in 0..3 {
+            jobs.insert(t.job("qb", 0, Default::default(), 0), "b");
+        }
+        assert_eq!(run_rounds(&mut t, &jobs, 13), "abababaaaaaaa");
+    }
+
+    #[test]
+    fn a_namespace_own_pool_comes_before_a_shared_one() {
+        let mut t = T::new();
+        t.s.set_pool(&pk("llm"), shared_pool(1, &[]), t.at(0));
+        let own = PoolKey {
+            namespace: Name::parse("a").unwrap(),
+            name: Name::parse("llm").unwrap(),
+        };
+        t.s.set_pool(&own, max_units(5), t.at(0));
+        let a = Name::parse("a").unwrap();
+        let b = Name::parse("b").unwrap();
+        let llm = Name::parse("llm").unwrap();
+        assert_eq!(t.s.resolve_pool(&a, &llm), Some(own.clone()));
+        assert_eq!(t.s.resolve_pool(&b, &llm), Some(pk("llm")));
+        // Not shared: only its own namespace sees it.
+        t.s.set_pool(&pk("private"), max_units(1), t.at(0));
+        assert_eq!(t.s.resolve_pool(&b, &Name::parse("private").unwrap()), None);
+        t.ns_worker("wa", "a", "q", 100);
+        let d = || pools(vec![req("llm", &[("requests", 1)], None)]);
+        let ids: Vec<JobId> = (0..5).map(|_| t.ns_job("a", "q", d(), 0)).collect();
+        assert_eq!(dispatched(&t.decide(0)).len(), ids.len());
+        assert_eq!(t.s.pool_figures(&own, t.at(0)).unwrap().running, 5);
+        assert_eq!(t.s.pool_figures(&pk("llm"), t.at(0)).unwrap().running, 0);
     }
 
     #[test]
@@ -1717,6 +2089,7 @@ mod tests {
                     per: Duration::from_secs(1),
                     burst: 1000,
                 }],
+                ..Default::default()
             },
             t.at(0),
         );
@@ -1746,6 +2119,7 @@ mod tests {
                     per: Duration::from_secs(3600),
                     burst: 1000,
                 }],
+                ..Default::default()
             },
             t.at(0),
         );
@@ -2005,13 +2379,10 @@ mod tests {
             for i in w.reached(now) {
                 let pk = w.pool_key(i);
                 let p = &s.pools[&pk];
-                let also = match p.waiters.first() {
-                    Some(h) if *h < w.rank => s.waiting[&h.id]
-                        .demand
-                        .pools
-                        .iter()
-                        .find(|r| r.pool == pk.name)
-                        .map_or(NO_RESERVATION, |r| &r.units),
+                let also = match p.waiters.head() {
+                    Some(h) if p.waiters.before(h, (&w.queue.namespace, w.rank)) => {
+                        s.waiting[&h.1.id].units_for(&pk).unwrap_or(NO_RESERVATION)
+                    }
                     _ => NO_RESERVATION,
                 };
                 // A refill timer rounds up to the next microsecond: a bucket that reaches the
@@ -2036,16 +2407,27 @@ mod tests {
         #[test]
         fn limits_hold_and_nothing_dispatchable_waits(ops in proptest::collection::vec(op(), 1..120)) {
             let mut t = T::new();
-            t.s.set_queue(&qk("q0"), 3, false);
-            t.s.set_queue(&qk("q1"), 0, false);
+            // q1 is another namespace's queue: both share pools a and b.
+            let pq = |i: usize| if i == 0 { qk("q0") } else {
+                QueueKey { namespace: Name::parse("other").unwrap(), name: Name::parse("q1").unwrap() }
+            };
+            t.s.set_queue(&pq(0), 3, false);
+            t.s.set_queue(&pq(1), 0, false);
             t.s.set_pool(&pk("a"), PoolConfig {
                 max_units: units(&[("requests", 3)]),
                 rates: vec![RateLimit { unit: "tokens".into(), amount: 100, per: MS * 100, burst: 200 }],
+                shared: true,
+                weights: [(Name::parse("other").unwrap(), 2)].into(),
             }, t.at(0));
-            t.s.set_pool(&pk("b"), max_units(2), t.at(0));
-            t.worker("w0", &["q0", "q1"], 4, Resources { cpu_millis: 4000, memory_bytes: 0 });
+            t.s.set_pool(&pk("b"), PoolConfig { shared: true, ..max_units(2) }, t.at(0));
+            t.s.set_worker(&wid("w0"), WorkerSpec {
+                queues: vec![pq(0), pq(1)],
+                slots: 4,
+                resources: Resources { cpu_millis: 4000, memory_bytes: 0 },
+                labels: BTreeMap::new(),
+            });
             t.s.set_worker(&wid("w1"), WorkerSpec {
-                queues: vec![qk("q1")],
+                queues: vec![pq(1)],
                 slots: 2,
                 resources: Resources { cpu_millis: 2000, memory_bytes: 0 },
                 labels: [("gpu".to_string(), "yes".to_string())].into(),
@@ -2056,7 +2438,8 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Enqueue { queue, priority, kind, size } => {
-                        let id = t.job(&format!("q{queue}"), priority, demand(kind, size), now);
+                        let id = JobId::new();
+                        t.s.enqueue(id, &pq(queue), priority, 1, demand(kind, size), t.at(now));
                         waiting.push(id);
                     }
                     Op::Release(i) if !held.is_empty() => {
@@ -2113,7 +2496,7 @@ mod tests {
                         p.in_use,
                         p.config.rates.iter().zip(&p.buckets).map(|(r, b)| b.level(r, at)).collect::<Vec<_>>(),
                         p.cooldown_until.map(|u| u.saturating_duration_since(t.t0)),
-                        p.waiters.iter().map(|r| r.id).collect::<Vec<_>>(),
+                        p.waiters.by_ns.values().flatten().map(|r| r.id).collect::<Vec<_>>(),
                         p.timer.map(|k| k.0.saturating_duration_since(t.t0)),
                     )).collect();
                     proptest::prop_assert!(false, "dispatchable job {id} waits: spot {:?} rank {:?} queue {} demand {:?} since {:?} now {:?}\n{}\ntimers {:?}",

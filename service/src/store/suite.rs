@@ -149,6 +149,8 @@ pub async fn pools_are_kept(store: Arc<dyn Store>) {
             per: Duration::from_secs(60),
             burst: 90_000,
         }],
+        shared: true,
+        weights: [(Name::parse("team").unwrap(), 3)].into(),
     };
     let replaced = PoolConfig {
         max_units: [("requests".to_string(), 4)].into(),
