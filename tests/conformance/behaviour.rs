@@ -170,6 +170,24 @@ async fn behave(
         ctx.stdout(format!("line {i}\n")).await;
     }
 
+    // With `do` given, every key must be one the action knows: a typo fails visibly. Without
+    // it the payload may be plain data, and keys the prelude does not know are ignored.
+    if let Some(action) = get_str(spec, "do")? {
+        let fields: &[&str] = match action {
+            "succeed" => &["result"],
+            "fail" => &["message", "retryable"],
+            "fail_times" => &["n", "message", "result"],
+            "rate_limited" => &["times", "retry_after", "pool", "result"],
+            "hold" => &["until", "ignore_cancel", "result"],
+            other => return Err(bad(format!("unknown `do`: {other}"))),
+        };
+        if let Some(key) = spec.keys().find(|k| {
+            !["do", "progress", "lines"].contains(&k.as_str()) && !fields.contains(&k.as_str())
+        }) {
+            return Err(bad(format!("`{action}` takes no `{key}`")));
+        }
+    }
+
     let attempt = u64::from(ctx.attempt());
     match get_str(spec, "do")?.unwrap_or("succeed") {
         "succeed" => Ok(result(spec)),
