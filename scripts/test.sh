@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of jobplane. Sets up what it needs on a fresh machine of this kind: a Python
-# virtualenv in .venv with buf (from PyPI's buf-bin), and cargo-nextest if it is missing.
+# virtualenv in .venv with buf (from PyPI's buf-bin), pytest and mypy, the Python SDK built and
+# installed into it (`pip install ./sdk-python`), and cargo-nextest if it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -11,7 +12,7 @@ step "tools"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check buf-bin
+.venv/bin/pip install --quiet --disable-pip-version-check buf-bin pytest mypy
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
@@ -34,3 +35,13 @@ cargo nextest run --workspace --locked --no-fail-fast
 
 step "doc tests"
 cargo test --workspace --doc --locked
+
+step "Python SDK: pip install ./sdk-python (maturin, abi3 wheel)"
+.venv/bin/pip install --quiet --disable-pip-version-check --force-reinstall --no-deps ./sdk-python
+
+step "Python SDK: types (mypy --strict, stubtest against the installed package)"
+.venv/bin/python -m mypy --strict sdk-python/python/jobplane
+(cd sdk-python/tests && ../../.venv/bin/python -m mypy.stubtest jobplane --allowlist ../stubtest-allowlist.txt)
+
+step "Python SDK: pytest (real service; docstring and README examples included)"
+JOBPLANE_BIN="$PWD/target/debug/jobplane" .venv/bin/python -m pytest -q sdk-python/tests
