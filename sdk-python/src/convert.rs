@@ -77,11 +77,7 @@ pub(crate) fn spec(d: &Dict<'_>) -> PyResult<JobSpec> {
         spec = spec.retries(n);
     }
     if let Some(rp) = get::<Bound<'_, PyDict>>(d, "retry_policy")? {
-        let mut policy = RetryPolicy::new(get(&rp, "max_retries")?.unwrap_or(0));
-        policy.initial_backoff = duration_of(&rp, "initial_backoff")?;
-        policy.max_backoff = duration_of(&rp, "max_backoff")?;
-        policy.multiplier = get(&rp, "multiplier")?;
-        spec = spec.retry_policy(policy);
+        spec = spec.retry_policy(retry_policy(&rp)?);
     }
     if let Some(at) = time_of(d, "scheduled_at")? {
         spec = spec.scheduled_at(at);
@@ -105,6 +101,14 @@ pub(crate) fn spec(d: &Dict<'_>) -> PyResult<JobSpec> {
     }
     spec.traceparent = get(d, "traceparent")?;
     Ok(spec)
+}
+
+fn retry_policy(d: &Dict<'_>) -> PyResult<RetryPolicy> {
+    let mut policy = RetryPolicy::new(get(d, "max_retries")?.unwrap_or(0));
+    policy.initial_backoff = duration_of(d, "initial_backoff")?;
+    policy.max_backoff = duration_of(d, "max_backoff")?;
+    policy.multiplier = get(d, "multiplier")?;
+    Ok(policy)
 }
 
 fn pool_request(d: &Dict<'_>) -> PyResult<PoolRequest> {
@@ -150,7 +154,10 @@ pub(crate) fn queue_config(d: &Dict<'_>) -> PyResult<QueueConfig> {
     Ok(QueueConfig {
         max_concurrency: get(d, "max_concurrency")?,
         default_run_timeout: duration_of(d, "default_timeout")?,
-        default_retry_policy: get::<u32>(d, "default_retries")?.map(RetryPolicy::new),
+        default_retry_policy: match get::<Bound<'_, PyDict>>(d, "default_retry_policy")? {
+            Some(rp) => Some(retry_policy(&rp)?),
+            None => get::<u32>(d, "default_retries")?.map(RetryPolicy::new),
+        },
         max_depth: get(d, "max_depth")?,
         paused: get(d, "paused")?.unwrap_or(false),
         default_max_wait: duration_of(d, "default_max_wait")?,

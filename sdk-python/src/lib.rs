@@ -133,12 +133,25 @@ pub(crate) fn error_tuple(py: Python<'_>, e: &jobplane::Error) -> Py<PyAny> {
         e.field().map(str::to_owned),
         e.reason().map(str::to_owned),
         e.retry_after().map(|d| d.as_secs_f64()),
-        e.code().map(|c| format!("{c:?}")),
+        e.code().map(code_name),
     );
     match tuple.into_pyobject(py) {
         Ok(t) => t.into_any().unbind(),
         Err(_) => PyTuple::empty(py).into_any().unbind(),
     }
+}
+
+/// A status code's canonical name: `InvalidArgument` → `INVALID_ARGUMENT`.
+fn code_name(code: impl std::fmt::Debug) -> String {
+    let camel = format!("{code:?}");
+    let mut out = String::with_capacity(camel.len() + 4);
+    for (i, ch) in camel.chars().enumerate() {
+        if ch.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(ch.to_ascii_uppercase());
+    }
+    out
 }
 
 /// Seconds (a non-negative float; infinity for "no limit") as a duration.

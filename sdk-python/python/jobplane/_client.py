@@ -135,10 +135,29 @@ def _submitted(d: Mapping[str, Any]) -> Job:
     return Job._from(d["job"], created=d["created"])
 
 
+_QUEUE_KEYS = {
+    "max_concurrency",
+    "default_timeout",
+    "default_retries",
+    "max_depth",
+    "paused",
+    "default_max_wait",
+    "reject_unplaceable",
+}
+
+
 def _queue_config(**kw: Any) -> Dict[str, Any]:
+    unknown = set(kw) - _QUEUE_KEYS
+    if unknown:
+        raise TypeError(f"unknown queue settings: {', '.join(sorted(unknown))}")
     out = dict(kw)
     for k in ("default_timeout", "default_max_wait"):
         out[k] = seconds(out.get(k), k)
+    retries = out.pop("default_retries", None)
+    if isinstance(retries, RetryPolicy):
+        out["default_retry_policy"] = retries._native()
+    elif retries is not None:
+        out["default_retries"] = int(retries)
     return out
 
 
@@ -199,12 +218,13 @@ class Client(_Base):
         cpu: Optional[float] = None,
         memory: Optional[int] = None,
         selector: Optional[Mapping[str, str]] = None,
+        namespace: Optional[str] = None,
     ) -> Job:
         """Submits a job; returns it as committed (``job.created`` is False when an
-        idempotency key matched an existing job)."""
+        idempotency key matched an existing job). ``namespace`` defaults to the client's."""
         spec = _spec(queue, payload, priority, idempotency_key, timeout, max_wait, retries, pools,
                      dict(labels=labels, scheduled_at=scheduled_at, cpu=cpu, memory=memory,
-                          selector=selector))
+                          selector=selector, namespace=namespace))
         return _submitted(call(lambda done: self._native.submit(spec, done)))
 
     def submit_batch(self, specs: Sequence[JobSpec]) -> List[Job]:
@@ -277,9 +297,9 @@ class Client(_Base):
     # ---- administration
 
     def configure_queue(self, name: str, **config: Any) -> Dict[str, Any]:
-        """Sets a queue's settings: ``max_concurrency``, ``default_timeout``,
-        ``default_retries``, ``max_depth``, ``paused``, ``default_max_wait``,
-        ``reject_unplaceable``."""
+        """Sets a queue's settings (replacing them whole): ``max_concurrency``,
+        ``default_timeout``, ``default_retries`` (a count or a ``RetryPolicy``), ``max_depth``,
+        ``paused``, ``default_max_wait``, ``reject_unplaceable``."""
         c = _queue_config(**config)
         return dict(call(lambda done: self._native.configure_queue(name, c, done)))
 
@@ -333,10 +353,11 @@ class AsyncClient(_Base):
         cpu: Optional[float] = None,
         memory: Optional[int] = None,
         selector: Optional[Mapping[str, str]] = None,
+        namespace: Optional[str] = None,
     ) -> Job:
         spec = _spec(queue, payload, priority, idempotency_key, timeout, max_wait, retries, pools,
                      dict(labels=labels, scheduled_at=scheduled_at, cpu=cpu, memory=memory,
-                          selector=selector))
+                          selector=selector, namespace=namespace))
         return _submitted(await acall(lambda done: self._native.submit(spec, done)))
 
     async def submit_batch(self, specs: Sequence[JobSpec]) -> List[Job]:

@@ -110,6 +110,14 @@ class RetryPolicy:
     max_backoff: Optional[Seconds] = None
     multiplier: Optional[float] = None
 
+    def _native(self) -> Dict[str, Any]:
+        return {
+            "max_retries": self.max_retries,
+            "initial_backoff": seconds(self.initial_backoff, "initial_backoff"),
+            "max_backoff": seconds(self.max_backoff, "max_backoff"),
+            "multiplier": self.multiplier,
+        }
+
 
 class JobSpec:
     """A job to submit (``Client.submit_batch`` takes a list of them). ``payload`` is bytes,
@@ -168,12 +176,7 @@ class JobSpec:
             "namespace": self.namespace,
         }
         if isinstance(self.retries, RetryPolicy):
-            d["retry_policy"] = {
-                "max_retries": self.retries.max_retries,
-                "initial_backoff": seconds(self.retries.initial_backoff, "initial_backoff"),
-                "max_backoff": seconds(self.retries.max_backoff, "max_backoff"),
-                "multiplier": self.retries.multiplier,
-            }
+            d["retry_policy"] = self.retries._native()
         elif self.retries is not None:
             d["retries"] = int(self.retries)
         return d

@@ -103,6 +103,11 @@ class JobContext:
         except asyncio.TimeoutError:
             return False
 
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback()`` once the attempt must stop (at once if it must already). It runs
+        on an SDK thread: keep it short (set an event, schedule work)."""
+        self._n.on_cancel(callback)
+
     def progress(self, percent: float, message: str = "") -> None:
         """Reports progress, 0-100."""
         self._n.progress(float(percent), message)
@@ -155,6 +160,7 @@ class Worker:
         cpu: Optional[float] = None,
         memory: Optional[int] = None,
         name: Optional[str] = None,
+        id: Optional[str] = None,
         shutdown_timeout: Optional[Seconds] = None,
     ) -> None:
         if concurrency < 1:
@@ -169,6 +175,7 @@ class Worker:
             "cpu": cpu,
             "memory": memory,
             "name": name,
+            "id": id,
             "shutdown_timeout": seconds(shutdown_timeout, "shutdown_timeout"),
         }
         self._handlers: Dict[str, Handler] = {}
@@ -190,8 +197,11 @@ class Worker:
 
     @property
     def id(self) -> Optional[str]:
-        """The worker's id once it runs."""
-        return None if self._native is None else self._native.id
+        """The worker's id: the one given, else generated when it starts running."""
+        if self._native is not None:
+            return self._native.id
+        given = self._options.get("id")
+        return given if isinstance(given, str) else None
 
     def _build(self) -> "_native.NativeWorker":
         missing = [q for q in self.queues if q not in self._handlers]
