@@ -189,3 +189,32 @@ def test_many_clients_from_many_threads_share_one_runtime(addr: str) -> None:
         t.join(LONG)
     assert not errors, errors
     assert threading.active_count() <= before + 2
+
+
+def test_a_blocking_wait_is_interrupted_by_ctrl_c(addr: str) -> None:
+    """A real process blocked in Client.wait (no timeout) gets KeyboardInterrupt on SIGINT."""
+    import signal
+    import subprocess
+    import sys
+
+    client = jobplane.Client(addr)
+    job = client.submit("nobody-serves-this")
+    code = (
+        "import sys, jobplane\n"
+        f"c = jobplane.Client({addr!r})\n"
+        "try:\n"
+        "    print('waiting', flush=True)\n"
+        f"    c.wait({job.id!r})\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "    sys.exit(3)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "waiting"
+    # The wait is under way once its RPC reached the service; the signal may also land just
+    # before it starts: either way the process must stop with KeyboardInterrupt.
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=LONG)
+    assert proc.returncode == 3, out
+    assert "interrupted" in out
