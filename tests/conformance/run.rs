@@ -147,6 +147,17 @@ impl Runner {
     }
 
     async fn step(&mut self, step: &Step) -> Result<()> {
+        let (expect, expect_error) = match step {
+            Step::Submit(s) => (s.expect.is_some(), s.expect_error.is_some()),
+            Step::Get(s) => (s.expect.is_some(), s.expect_error.is_some()),
+            Step::Wait(s) => (s.expect.is_some(), s.expect_error.is_some()),
+            Step::Cancel(s) => (s.expect.is_some(), s.expect_error.is_some()),
+            _ => (false, false),
+        };
+        ensure!(
+            !(expect && expect_error),
+            "give `expect` or `expect_error`, not both"
+        );
         match step {
             Step::StartWorker(s) => self.start_worker(s),
             Step::StopWorker(name) => {
