@@ -218,3 +218,38 @@ def test_a_blocking_wait_is_interrupted_by_ctrl_c(addr: str) -> None:
     out, _ = proc.communicate(timeout=LONG)
     assert proc.returncode == 3, out
     assert "interrupted" in out
+
+
+def test_a_worker_process_drains_on_sigterm(addr: str) -> None:
+    """SIGTERM stops a worker gracefully: the running job finishes, then the process exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jobplane\n"
+        f"w = jobplane.Worker(queues=['drain'], addr={addr!r}, shutdown_timeout=30)\n"
+        "@w.handler('drain')\n"
+        "def h(ctx):\n"
+        "    print('started', flush=True)\n"
+        "    return sys.stdin.readline().strip()\n"
+        "w.run()\n"
+        "print('stopped', flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    client = jobplane.Client(addr)
+    job = client.submit("drain")
+    assert proc.stdout.readline().strip() == "started"
+    proc.send_signal(signal.SIGTERM)
+    # The handler is still running: the job is not given up, it finishes with its result.
+    proc.stdin.write("finished\n")
+    proc.stdin.flush()
+    w = client.wait(job.id, timeout=LONG)
+    assert w.job.state == jobplane.JobState.SUCCEEDED
+    assert w.job.result_bytes == b'"finished"'
+    out, _ = proc.communicate(timeout=LONG)
+    assert proc.returncode == 0
+    assert out.strip() == "stopped"

@@ -392,6 +392,8 @@ class Run:
     def expecting(self, step: Mapping[str, Any], what: str, call: Callable[[], Any]) -> Any:
         """Runs `call`; with `expect_error` it must fail so, else it must succeed."""
         exp = step.get("expect_error")
+        if exp is not None and "expect" in step:
+            fail(f"{what}: expect and expect_error exclude each other")
         if exp is None:
             return call()
         keys(exp, f"{what}: expect_error", ["code", "reason", "field", "message_contains",
