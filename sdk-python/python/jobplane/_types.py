@@ -197,71 +197,140 @@ def _error(d: Optional[Mapping[str, Any]]) -> Optional[JobError]:
     return None if d is None else JobError(d["reason"], d["message"])
 
 
-@dataclass(frozen=True)
 class Job:
-    """A snapshot of a job. ``result`` and ``payload`` are decoded from JSON when they hold
-    JSON (else bytes); ``result_bytes`` and ``payload_bytes`` are as stored."""
+    """A snapshot of a job (read-only). ``result`` and ``payload`` are decoded from JSON when
+    they hold JSON (else bytes); ``result_bytes`` and ``payload_bytes`` are as stored. Fields
+    are converted when read, so a large batch of submits costs little in Python."""
 
-    id: str
-    namespace: str
-    queue: str
-    state: JobState
-    attempt: int
-    retries_used: int
-    payload_bytes: bytes
-    result_bytes: Optional[bytes]
-    error: Optional[JobError]
-    waiting_for: Optional[str]
-    pool: Optional[str]
-    progress: float
-    priority: int
-    labels: Dict[str, str]
-    idempotency_key: Optional[str]
-    worker_id: Optional[str]
-    cancel_requested: bool
-    last_seq: int
-    created_at: Optional[_dt.datetime]
-    started_at: Optional[_dt.datetime]
-    finished_at: Optional[_dt.datetime]
-    pools: List[PoolRequest]
-    created: Optional[bool] = None
-    """For a submit: whether this call created the job (False: an idempotency key matched)."""
+    __slots__ = ("_d", "created")
 
-    @property
-    def result(self) -> Any:
-        return decode(self.result_bytes)
-
-    @property
-    def payload(self) -> Any:
-        return decode(self.payload_bytes)
+    def __init__(self, d: Mapping[str, Any], created: Optional[bool] = None) -> None:
+        self._d = d
+        self.created = created
+        """For a submit: whether this call created the job (False: an idempotency key
+        matched)."""
 
     @classmethod
     def _from(cls, d: Mapping[str, Any], created: Optional[bool] = None) -> "Job":
-        return cls(
-            id=d["id"],
-            namespace=d["namespace"],
-            queue=d["queue"],
-            state=JobState(d["state"]),
-            attempt=d["attempt"],
-            retries_used=d["retries_used"],
-            payload_bytes=d["payload"],
-            result_bytes=d["result"],
-            error=_error(d["error"]),
-            waiting_for=d["waiting_for"],
-            pool=d["pool"],
-            progress=d["progress"],
-            priority=d["priority"],
-            labels=d["labels"],
-            idempotency_key=d["idempotency_key"],
-            worker_id=d["worker_id"],
-            cancel_requested=d["cancel_requested"],
-            last_seq=d["last_seq"],
-            created_at=_time(d["created_at"]),
-            started_at=_time(d["started_at"]),
-            finished_at=_time(d["finished_at"]),
-            pools=[PoolRequest(p["pool"], p["units"], p["max_wait"]) for p in d["pools"]],
-            created=created,
-        )
+        return cls(d, created)
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r}, queue={self.queue!r}, state={self.state.value})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Job) and dict(self._d) == dict(other._d)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def id(self) -> str:
+        return str(self._d["id"])
+
+    @property
+    def namespace(self) -> str:
+        return str(self._d["namespace"])
+
+    @property
+    def queue(self) -> str:
+        return str(self._d["queue"])
+
+    @property
+    def state(self) -> JobState:
+        return JobState(self._d["state"])
+
+    @property
+    def attempt(self) -> int:
+        """The current or last attempt's number (its fencing token); 0 before the first."""
+        return int(self._d["attempt"])
+
+    @property
+    def retries_used(self) -> int:
+        return int(self._d["retries_used"])
+
+    @property
+    def payload_bytes(self) -> bytes:
+        return bytes(self._d["payload"])
+
+    @property
+    def payload(self) -> Any:
+        return decode(self._d["payload"])
+
+    @property
+    def result_bytes(self) -> Optional[bytes]:
+        r = self._d["result"]
+        return None if r is None else bytes(r)
+
+    @property
+    def result(self) -> Any:
+        return decode(self._d["result"])
+
+    @property
+    def error(self) -> Optional[JobError]:
+        return _error(self._d["error"])
+
+    @property
+    def waiting_for(self) -> Optional[str]:
+        """Why a queued job is not running, e.g. ``capacity(pool=gpt-4o)``."""
+        return self._d["waiting_for"]  # type: ignore[no-any-return]
+
+    @property
+    def pool(self) -> Optional[str]:
+        """The pool the current or last attempt took its capacity from."""
+        return self._d["pool"]  # type: ignore[no-any-return]
+
+    @property
+    def progress(self) -> float:
+        return float(self._d["progress"])
+
+    @property
+    def priority(self) -> int:
+        return int(self._d["priority"])
+
+    @property
+    def labels(self) -> Dict[str, str]:
+        return dict(self._d["labels"])
+
+    @property
+    def idempotency_key(self) -> Optional[str]:
+        return self._d["idempotency_key"]  # type: ignore[no-any-return]
+
+    @property
+    def worker_id(self) -> Optional[str]:
+        return self._d["worker_id"]  # type: ignore[no-any-return]
+
+    @property
+    def cancel_requested(self) -> bool:
+        return bool(self._d["cancel_requested"])
+
+    @property
+    def last_seq(self) -> int:
+        """Sequence number of the job's newest event: watch from here for what comes next."""
+        return int(self._d["last_seq"])
+
+    @property
+    def timeout(self) -> Optional[float]:
+        """The effective run timeout per attempt, in seconds."""
+        return self._d["timeout"]  # type: ignore[no-any-return]
+
+    @property
+    def max_wait(self) -> Optional[float]:
+        return self._d["max_wait"]  # type: ignore[no-any-return]
+
+    @property
+    def created_at(self) -> Optional[_dt.datetime]:
+        return _time(self._d["created_at"])
+
+    @property
+    def started_at(self) -> Optional[_dt.datetime]:
+        return _time(self._d["started_at"])
+
+    @property
+    def finished_at(self) -> Optional[_dt.datetime]:
+        return _time(self._d["finished_at"])
+
+    @property
+    def pools(self) -> List[PoolRequest]:
+        return [PoolRequest(p["pool"], p["units"], p["max_wait"]) for p in self._d["pools"]]
 
 
 @dataclass(frozen=True)
