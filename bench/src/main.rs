@@ -66,6 +66,9 @@ struct Args {
     /// How long each job of the pool throughput phase holds its unit, in milliseconds.
     #[arg(long, default_value_t = 10)]
     pool_work_ms: u64,
+    /// Jobs of the submit-only phase (0 skips it); they stay queued, on a queue no worker serves.
+    #[arg(long, default_value_t = 20_000)]
+    submit_only_jobs: usize,
     /// Waiting jobs of the scheduler decision-cost phase (spread over 100 pools).
     #[arg(long, default_value_t = 100_000)]
     sched_jobs: usize,
@@ -179,6 +182,34 @@ async fn throughput(
     Ok(n as f64 / total.as_secs_f64())
 }
 
+/// Submits `n` jobs in batches to a queue without workers; returns once all are committed.
+async fn submit_only(
+    client: &Client,
+    n: usize,
+    batch: usize,
+    submitters: usize,
+) -> anyhow::Result<()> {
+    let per = n.div_ceil(submitters);
+    let mut tasks = Vec::new();
+    for s in 0..submitters {
+        let c = client.clone();
+        let mut left = per.min(n.saturating_sub(s * per));
+        tasks.push(tokio::spawn(async move {
+            while left > 0 {
+                let k = left.min(batch);
+                let specs = (0..k).map(|_| JobSpec::new("bench-submit")).collect();
+                c.submit_batch(specs).await?;
+                left -= k;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
@@ -217,6 +248,21 @@ async fn main() -> anyhow::Result<()> {
     let workers = start_workers(&addr, args.workers, args.concurrency, marks.clone()).await;
     // Warm up: connections, prepared statements, worker streams.
     throughput(&client, 500, 100, 2).await?;
+
+    // Submits alone, to a queue no worker serves: what the client can push (the Python SDK's
+    // bench measures the same, to compare the binding with the Rust client).
+    let mut submit_only_rate = 0.0;
+    if args.submit_only_jobs > 0 {
+        let n = args.submit_only_jobs;
+        let t0 = Instant::now();
+        submit_only(&client, n, args.batch, args.submitters).await?;
+        submit_only_rate = n as f64 / t0.elapsed().as_secs_f64();
+        eprintln!(
+            "submit only: {n} jobs, batches of {}, {} submitters",
+            args.batch, args.submitters
+        );
+        eprintln!("  {submit_only_rate:.0} jobs/s");
+    }
 
     eprintln!(
         "batched: {} jobs, batches of {}, {} submitters, {} workers x {}",
@@ -312,6 +358,7 @@ async fn main() -> anyhow::Result<()> {
         "concurrency": args.concurrency,
         "batch": args.batch,
         "jobs_per_sec": batched.round(),
+        "submit_only_jobs_per_sec": submit_only_rate.round(),
         "unbatched_jobs_per_sec": unbatched.round(),
         "start_p50_ms": ms(&start, 0.5),
         "start_p99_ms": ms(&start, 0.99),
