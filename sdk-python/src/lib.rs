@@ -33,10 +33,35 @@ pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("jobplane-io")
+            .on_thread_start(keep_signals_for_python)
             .enable_all()
             .build()
             .expect("the jobplane runtime starts")
     })
+}
+
+/// Blocks the process's asynchronous signals on the calling (SDK) thread. A signal sent to the
+/// process goes to one thread that does not block it; CPython runs Python signal handlers only
+/// on the main thread and only notices a signal promptly if the main thread itself was
+/// interrupted — a Ctrl-C taken by an SDK thread would leave a blocking `wait` asleep.
+fn keep_signals_for_python() {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+    let mut set = SigSet::empty();
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGALRM,
+        Signal::SIGCHLD,
+        Signal::SIGWINCH,
+    ] {
+        set.add(sig);
+    }
+    // Failing to block leaves the thread as it was: signals still work, only less promptly.
+    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
 }
 
 /// Runs `fut` to completion on the runtime from a Python thread, with the interpreter released.

@@ -195,8 +195,10 @@ def test_many_clients_from_many_threads_share_one_runtime(addr: str) -> None:
     for t in threads:
         t.join(LONG)
     assert not errors, errors
-    # 40 clients later: no runtime or thread of their own is left behind.
-    assert os_threads() <= before
+    # 40 clients later, no runtime or thread of their own is left behind (a runtime per client
+    # would add at least two threads each; the shared runtime may keep a few threads of its
+    # blocking pool, used to resolve addresses, for a while).
+    assert os_threads() <= before + 4
 
 
 def test_a_blocking_wait_is_interrupted_by_ctrl_c(addr: str) -> None:
@@ -217,14 +219,21 @@ def test_a_blocking_wait_is_interrupted_by_ctrl_c(addr: str) -> None:
         "    print('interrupted', flush=True)\n"
         "    sys.exit(3)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "waiting"
     # The wait is under way once its RPC reached the service; the signal may also land just
     # before it starts: either way the process must stop with KeyboardInterrupt.
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=LONG)
-    assert proc.returncode == 3, out
+    try:
+        out, err = proc.communicate(timeout=LONG)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"still running {LONG}s after SIGINT: {out!r} {err!r}")
+    assert proc.returncode == 3, (out, err)
     assert "interrupted" in out
 
 

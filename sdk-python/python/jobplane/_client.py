@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import threading
 from typing import (
     Any,
     AsyncIterator,
@@ -40,6 +41,9 @@ from ._types import (
 )
 
 T = TypeVar("T")
+
+SIGNAL_CHECK = 0.2
+"""Longest a blocking call on the main thread sleeps before it looks for a Ctrl-C again."""
 Done = Callable[[Any, Any], None]
 
 DEFAULT_ADDR: str = _native.DEFAULT_ADDR
@@ -63,7 +67,17 @@ def call(start: Callable[[Done], "_native.Task"]) -> Any:
 
     task = start(done)
     try:
-        return fut.result()
+        if threading.current_thread() is not threading.main_thread():
+            return fut.result()
+        # On the main thread, Ctrl-C must interrupt the wait. A signal that lands just before
+        # the thread goes to sleep on the lock does not wake it (CPython runs the handler at
+        # the next bytecode), so the sleep is bounded: a missed signal is noticed within
+        # SIGNAL_CHECK. The result itself wakes the wait at once.
+        while True:
+            try:
+                return fut.result(timeout=SIGNAL_CHECK)
+            except concurrent.futures.TimeoutError:
+                continue
     except BaseException:
         task.cancel()
         raise
