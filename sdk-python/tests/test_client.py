@@ -270,3 +270,39 @@ def test_a_worker_process_drains_on_sigterm(addr: str) -> None:
     out, _ = proc.communicate(timeout=LONG)
     assert proc.returncode == 0
     assert out.strip() == "stopped"
+
+
+def test_async_handlers_under_a_blocking_run(addr: str) -> None:
+    """`Worker.run()` runs `async def` handlers on an event loop of its own thread, beside sync
+    ones on its thread pool; cancellation reaches an async handler."""
+    client = jobplane.Client(addr)
+    worker = jobplane.Worker(queues=["a", "s"], concurrency=4, addr=addr)
+    started = threading.Event()
+
+    @worker.handler("a")
+    async def a(ctx: jobplane.JobContext) -> Any:
+        if ctx.payload == "hold":
+            started.set()
+            assert await ctx.wait_cancelled_async(LONG)
+            raise RuntimeError("stopped")
+        await asyncio.sleep(0)
+        return {"async": ctx.attempt}
+
+    @worker.handler("s")
+    def s(ctx: jobplane.JobContext) -> Any:
+        return {"sync": ctx.attempt}
+
+    t = run_worker(worker)
+    try:
+        ja = client.submit("a", payload="x")
+        js = client.submit("s", payload="x")
+        held = client.submit("a", payload="hold")
+        r = client.wait_many([ja.id, js.id], timeout=LONG)
+        assert [x.job.result for x in r.results] == [{"async": 1}, {"sync": 1}]
+        assert started.wait(LONG)
+        assert client.cancel(held.id, grace=5.0).outcome == "REQUESTED"
+        assert client.wait(held.id, timeout=LONG).job.state == jobplane.JobState.CANCELLED
+    finally:
+        worker.stop()
+        t.join(LONG)
+    assert not t.is_alive()
