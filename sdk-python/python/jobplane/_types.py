@@ -396,13 +396,15 @@ class Event:
     @classmethod
     def _from(cls, d: Mapping[str, Any]) -> "Event":
         kind = d["kind"]
-        e = cls(seq=d["seq"], job_id=d["job_id"], kind=kind, time=_time(d["time"]))
+        common: Dict[str, Any] = {
+            "seq": d["seq"],
+            "job_id": d["job_id"],
+            "kind": kind,
+            "time": _time(d["time"]),
+        }
         if kind == "state":
             return cls(
-                seq=e.seq,
-                job_id=e.job_id,
-                kind=kind,
-                time=e.time,
+                **common,
                 attempt=d["attempt"],
                 state=JobState(d["state"]),
                 from_state=None if d["from_state"] is None else JobState(d["from_state"]),
@@ -411,24 +413,13 @@ class Event:
                 waiting_for=d["waiting_for"],
             )
         if kind == "progress":
-            return cls(
-                seq=e.seq,
-                job_id=e.job_id,
-                kind=kind,
-                time=e.time,
-                attempt=d["attempt"],
-                percent=d["percent"],
-                message=d["message"],
-            )
+            return cls(**common, attempt=d["attempt"], percent=d["percent"], message=d["message"])
         if kind == "output":
             return cls(
-                seq=e.seq,
-                job_id=e.job_id,
-                kind=kind,
-                time=e.time,
+                **common,
                 attempt=d["attempt"],
                 stream=d["stream"],
                 data=d["data"],
                 truncated=d["truncated"],
             )
-        return e
+        return cls(**common)
