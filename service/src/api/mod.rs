@@ -10,23 +10,36 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::engine::Engine;
+use crate::metrics::Metrics;
 use crate::ServeError;
 
 mod admin;
 pub mod convert;
 pub mod error;
 mod job;
+mod metrics;
 mod worker;
 
 /// Largest accepted request message (a batch submit of many jobs).
 const MAX_MESSAGE: usize = 64 << 20;
 
 /// Serves every service on `listener` until `signal` resolves, then shuts down gracefully.
+/// Every call's duration and error code are recorded in `metrics`.
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let rpc_metrics = metrics::RpcMetricsLayer::new(
+        metrics,
+        &[
+            jobplane_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ],
+    );
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<pb::job_service_server::JobServiceServer<job::Jobs>>()
@@ -65,6 +78,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(rpc_metrics)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

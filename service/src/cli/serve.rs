@@ -15,6 +15,11 @@ pub struct ServeArgs {
     /// Database URL.
     #[arg(long, env = "JOBPLANE_DB", default_value = "sqlite://jobplane.db")]
     pub db: String,
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`), or `off`. Default
+    /// 127.0.0.1:9741; if that port is taken the service runs without metrics (with a warning),
+    /// while an address given here must be bound.
+    #[arg(long, env = "JOBPLANE_METRICS_LISTEN", value_name = "ADDR|off", value_parser = parse_metrics_listen)]
+    pub metrics_listen: Option<MetricsAddr>,
     /// Listen on a non-loopback address although authentication is off.
     #[arg(long)]
     pub allow_insecure_non_loopback: bool,
@@ -29,6 +34,17 @@ pub async fn run(args: ServeArgs) -> Result<Outcome, CliError> {
         listen: args.listen,
         db_url: args.db,
         allow_non_loopback: args.allow_insecure_non_loopback,
+        metrics: match args.metrics_listen {
+            None => Some(jobplane_server::MetricsListen {
+                addr: jobplane_server::metrics::DEFAULT_LISTEN,
+                required: false,
+            }),
+            Some(MetricsAddr::Off) => None,
+            Some(MetricsAddr::At(addr)) => Some(jobplane_server::MetricsListen {
+                addr,
+                required: true,
+            }),
+        },
         engine: jobplane_server::EngineConfig {
             retention: args.retention,
             ..Default::default()
@@ -36,4 +52,37 @@ pub async fn run(args: ServeArgs) -> Result<Outcome, CliError> {
     };
     jobplane_server::serve(config, shutdown_signal()).await?;
     Ok(Outcome::Success)
+}
+
+/// `--metrics-listen`: an address or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsAddr {
+    /// No metrics endpoint.
+    Off,
+    /// Serve it here.
+    At(SocketAddr),
+}
+
+fn parse_metrics_listen(s: &str) -> Result<MetricsAddr, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(MetricsAddr::Off);
+    }
+    s.parse()
+        .map(MetricsAddr::At)
+        .map_err(|e| format!("{e}: expected HOST:PORT (e.g. 127.0.0.1:9741) or `off`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_metrics_listen() {
+        assert_eq!(parse_metrics_listen("off"), Ok(MetricsAddr::Off));
+        assert_eq!(
+            parse_metrics_listen("127.0.0.1:0"),
+            Ok(MetricsAddr::At(SocketAddr::from(([127, 0, 0, 1], 0))))
+        );
+        assert!(parse_metrics_listen("localhost").is_err());
+    }
 }

@@ -15,6 +15,7 @@ use super::hub::Hub;
 use super::model::{Event, Job};
 use super::EngineError;
 use super::ToWorker;
+use crate::metrics::Metrics;
 use crate::store::{Store, Write};
 
 /// Writes to commit together and what to do once they are.
@@ -72,11 +73,12 @@ impl Committer {
         hub: Arc<Hub>,
         fatal: CancellationToken,
         stats: Arc<CommitStats>,
+        metrics: Arc<Metrics>,
         max_writes: usize,
         stop: CancellationToken,
     ) -> (Committer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(rx, store, hub, fatal, stats, max_writes, stop));
+        let task = tokio::spawn(run(rx, store, hub, fatal, stats, metrics, max_writes, stop));
         (Committer { tx }, task)
     }
 
@@ -104,12 +106,14 @@ impl Committer {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     mut rx: mpsc::UnboundedReceiver<Pending>,
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     fatal: CancellationToken,
     stats: Arc<CommitStats>,
+    metrics: Arc<Metrics>,
     max_writes: usize,
     stop: CancellationToken,
 ) {
@@ -152,6 +156,7 @@ async fn run(
                     use std::sync::atomic::Ordering::Relaxed;
                     stats.commits.fetch_add(1, Relaxed);
                     stats.writes.fetch_add(writes.len() as u64, Relaxed);
+                    metrics.commit_batch(writes.len());
                     Ok(())
                 }
                 Err(e) => {

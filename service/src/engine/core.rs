@@ -20,9 +20,10 @@ use super::scheduler::{Decision, DeletePoolError, Scheduler, WorkerSpec};
 use super::state::{transition, InvalidTransition, Trigger};
 use super::timers::{Timer, TimerKey, Timers};
 use super::{
-    CancelOutcome, EngineConfig, EngineError, Outcome, PoolInfo, QueueInfo, Report, ReportKind,
-    ToWorker, WorkerHello, WorkerInfo, WorkerSession,
+    CancelOutcome, EngineConfig, EngineError, LiveFigures, Outcome, PoolInfo, QueueInfo, Report,
+    ReportKind, ToWorker, WorkerHello, WorkerInfo, WorkerSession,
 };
+use crate::metrics::Metrics;
 use crate::store::{Recovered, Write};
 
 /// An active (non-terminal) job.
@@ -107,6 +108,8 @@ pub(crate) struct Core {
     /// Set when a timer earlier than all others was added: the timer task must re-arm.
     pub timer_rearm: bool,
     session_seq: u64,
+    /// Counters and histograms of what happens (submits, completions, attempt times).
+    pub metrics: Arc<Metrics>,
 }
 
 fn log_invalid(e: &InvalidTransition, id: JobId) {
@@ -137,6 +140,7 @@ impl Core {
             timers: Timers::default(),
             timer_rearm: false,
             session_seq: 0,
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
@@ -290,6 +294,7 @@ impl Core {
         let mut job = (*active.job).clone();
         let expected_version = job.version;
         let prev_worker = job.worker_id.clone();
+        let started_at = job.started_at;
         job.state = to;
         edit(&mut job);
         job.version += 1;
@@ -324,6 +329,19 @@ impl Core {
             },
         };
         tracing::debug!(job = %id, queue = %job.queue, from = %from, to = %to, attempt = job.attempt, "job state change");
+        if from == JobState::Leased && to == JobState::Running {
+            self.metrics
+                .attempt_started(&job.namespace, &job.queue, now.since(job.scheduled_at));
+        }
+        if from == JobState::Running && to != JobState::Running {
+            if let Some(started) = started_at {
+                self.metrics
+                    .attempt_ended(&job.namespace, &job.queue, now.since(started));
+            }
+        }
+        if to.is_terminal() {
+            self.metrics.job_completed(&job.namespace, &job.queue, to);
+        }
         let job = Arc::new(job);
         active.job = job.clone();
         out.writes.push(Write::UpdateJob {
@@ -806,6 +824,7 @@ impl Core {
         };
         let job = Arc::new(job);
         out.writes.push(Write::InsertJob(job.clone()));
+        self.metrics.job_submitted(&qk);
         out.writes.push(Write::Event(event.clone()));
         if let (Some(key), Some(digest)) = (&job.idempotency_key, digest) {
             let rec = IdempotencyRecord {
@@ -1739,6 +1758,28 @@ impl Core {
                     ),
                 })
             }
+        }
+    }
+
+    /// Queues, pools and connected workers of every namespace, for a metrics scrape.
+    pub fn live_figures(&self) -> LiveFigures {
+        let mut queues: Vec<&QueueKey> = self.queues.keys().collect();
+        queues.sort();
+        let mut pools: Vec<&PoolKey> = self.sched.pool_keys().collect();
+        pools.sort();
+        let mut workers: BTreeMap<Name, u64> = BTreeMap::new();
+        for w in self.workers.values() {
+            let n = workers.entry(w.namespace.clone()).or_default();
+            *n += u64::from(w.tx.is_some());
+        }
+        LiveFigures {
+            now: Timestamp::now(),
+            queues: queues.into_iter().map(|k| self.queue_info(k)).collect(),
+            pools: pools
+                .into_iter()
+                .filter_map(|k| self.pool_info(k))
+                .collect(),
+            workers_connected: workers.into_iter().collect(),
         }
     }
 

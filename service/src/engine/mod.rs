@@ -33,6 +33,7 @@ use self::core::{Core, Submitted as CoreSubmitted};
 pub use self::error::EngineError;
 use self::hub::Hub;
 use self::model::*;
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// Tunables of the engine.
@@ -295,6 +296,19 @@ pub struct PoolInfo {
     pub epoch: u64,
 }
 
+/// Live figures of every namespace, read under the lock for a metrics scrape.
+#[derive(Debug, Clone)]
+pub struct LiveFigures {
+    /// When they were read.
+    pub now: Timestamp,
+    /// Every queue configured or used since start.
+    pub queues: Vec<QueueInfo>,
+    /// Every pool.
+    pub pools: Vec<PoolInfo>,
+    /// Connected workers per namespace (namespaces with known workers only).
+    pub workers_connected: Vec<(Name, u64)>,
+}
+
 /// Whether a multi-job wait needs all jobs or any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitMode {
@@ -354,10 +368,12 @@ impl EngineTasks {
 }
 
 impl Engine {
-    /// Recovers state from the store and starts the committer and the timer task.
+    /// Recovers state from the store and starts the committer and the timer task; what happens
+    /// is counted in `metrics`, which also reads the engine's live figures when scraped.
     pub async fn start(
         store: Arc<dyn Store>,
         config: EngineConfig,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<(Arc<Engine>, EngineTasks), EngineError> {
         let recovered = store.recover().await?;
@@ -370,10 +386,12 @@ impl Engine {
             hub.clone(),
             fatal.clone(),
             stats.clone(),
+            metrics.clone(),
             config.max_batch_writes,
             committer_stop.clone(),
         );
         let mut core = Core::new(config.clone());
+        core.metrics = metrics.clone();
         let n = recovered.active_jobs.len();
         core.recover(recovered, Timestamp::now());
         tracing::info!(active_jobs = n, "engine recovered");
@@ -396,6 +414,7 @@ impl Engine {
             core.settle(Timestamp::now(), &mut out);
             engine.committer.enqueue_detached(out);
         }
+        metrics.attach(&engine);
         let timers = tokio::spawn(timer_loop(engine.clone()));
         Ok((
             engine,
@@ -835,6 +854,11 @@ impl Engine {
         res?;
         Self::committed(rx).await?;
         Ok(())
+    }
+
+    /// Queues, pools and connected workers of every namespace (for metrics).
+    pub fn live_figures(&self) -> LiveFigures {
+        self.lock().live_figures()
     }
 
     /// Workers of a namespace.
