@@ -3,7 +3,8 @@
 //! - [`engine`]: the state machine, dispatch, timers, waiters (no tonic, no sqlx);
 //! - [`store`]: the storage seam and its SQLite backend (the only place that knows sqlx);
 //! - [`api`]: the tonic services, proto ↔ domain conversion and error mapping;
-//! - [`metrics`]: the Prometheus metrics and their `/metrics` endpoint.
+//! - [`metrics`]: the Prometheus metrics and their `/metrics` endpoint;
+//! - [`telemetry`]: OpenTelemetry trace export, configured by the `OTEL_*` variables.
 //!
 //! [`run`] is the seam tests use: it serves on a listener they bound (`127.0.0.1:0`) until a
 //! shutdown future resolves ([`run_with_metrics`] also serves `/metrics` on a second listener).
@@ -20,6 +21,7 @@ pub mod api;
 pub mod engine;
 pub mod metrics;
 pub mod store;
+pub mod telemetry;
 
 pub use engine::EngineConfig;
 

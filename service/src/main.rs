@@ -1,4 +1,5 @@
-//! The `jobplane` binary: parses the command line, sets up logging and runs the command.
+//! The `jobplane` binary: parses the command line, sets up logging (and trace export when the
+//! `OTEL_*` variables ask for it) and runs the command.
 
 mod cli;
 
@@ -6,19 +7,41 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use jobplane_server::telemetry::{Telemetry, EXPORT_TARGET};
+use tracing_subscriber::filter::{filter_fn, FilterExt, LevelFilter};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-#[tokio::main]
+// Multi-threaded: the trace exporter's flush at exit blocks a thread while the runtime drives it.
+#[tokio::main(flavor = "multi_thread")]
 async fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // Spans made only for export never show in the logs.
+    let not_export = filter_fn(|meta| meta.target() != EXPORT_TARGET);
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    match cli.log_format {
-        cli::LogFormat::Text => logs.init(),
-        cli::LogFormat::Json => logs.json().init(),
+    let logs = match cli.log_format {
+        cli::LogFormat::Text => logs.with_filter(filter.and(not_export)).boxed(),
+        cli::LogFormat::Json => logs.json().with_filter(filter.and(not_export)).boxed(),
+    };
+    let (telemetry, export) = match Telemetry::from_env() {
+        Ok(Some((t, layer))) => (Some(t), Some(layer.with_filter(LevelFilter::INFO))),
+        Ok(None) => (None, None),
+        Err(e) => {
+            eprintln!("jobplane: trace export disabled: {e}");
+            (None, None)
+        }
+    };
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(export)
+        .init();
+    let code = cli::run(cli).await;
+    if let Some(t) = telemetry {
+        t.shutdown().await;
     }
-    cli::run(cli).await
+    code
 }
