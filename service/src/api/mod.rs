@@ -18,13 +18,15 @@ pub mod convert;
 pub mod error;
 mod job;
 mod metrics;
+mod trace;
 mod worker;
 
 /// Largest accepted request message (a batch submit of many jobs).
 const MAX_MESSAGE: usize = 64 << 20;
 
 /// Serves every service on `listener` until `signal` resolves, then shuts down gracefully.
-/// Every call's duration and error code are recorded in `metrics`.
+/// Every call's duration and error code are recorded in `metrics`, and every call has a span
+/// (exported when trace export is on).
 pub async fn serve(
     listener: TcpListener,
     engine: Arc<Engine>,
@@ -79,6 +81,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(rpc_metrics)
+        .layer(trace::RpcTraceLayer)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -1,0 +1,244 @@
+//! A tower layer over the gRPC server that opens one server span per call, named and attributed
+//! after the OpenTelemetry semantic conventions for RPC (`jobplane.v1.JobService/SubmitJob`;
+//! `rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code`), continuing the caller's
+//! trace when the request carries W3C `traceparent`/`tracestate` metadata.
+//!
+//! The spans have the target [`EXPORT_TARGET`]: only the OpenTelemetry layer enables them, so
+//! without trace export they are disabled where they are made and nothing else is done. The
+//! span ends when the call's status passes (in the response headers of a trailers-only
+//! response, else in the trailers of the body), when the body ends, or when it is dropped.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tonic::codegen::http;
+use tonic::Code;
+use tower::{Layer, Service};
+use tracing::field::Empty;
+use tracing::{Instrument, Span};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::telemetry::EXPORT_TARGET;
+
+/// Layer opening a span per call.
+#[derive(Clone, Default)]
+pub(crate) struct RpcTraceLayer;
+
+impl<S> Layer<S> for RpcTraceLayer {
+    type Service = RpcTrace<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcTrace { inner }
+    }
+}
+
+/// The service of [`RpcTraceLayer`].
+#[derive(Clone)]
+pub(crate) struct RpcTrace<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// `rpc.service` and `rpc.method` of a gRPC path (`/jobplane.v1.JobService/SubmitJob`).
+fn split_path(path: &str) -> (&str, &str) {
+    match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
+        Some((service, method)) if !service.is_empty() && !method.contains('/') => {
+            (service, method)
+        }
+        _ => ("unknown", "unknown"),
+    }
+}
+
+/// Reads W3C trace context from request headers (gRPC metadata).
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+fn rpc_span(headers: &http::HeaderMap, path: &str) -> Span {
+    let (service, method) = split_path(path);
+    let span = tracing::info_span!(
+        target: EXPORT_TARGET,
+        "rpc",
+        otel.name = %format_args!("{service}/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = Empty,
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+    );
+    if !span.is_disabled() {
+        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+        if parent.span().span_context().is_valid() {
+            // Fails only if the span has already started, which it has not.
+            let _ = span.set_parent(parent);
+        }
+    }
+    span
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for RpcTrace<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+{
+    type Response = http::Response<Traced<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let span = rpc_span(req.headers(), req.uri().path());
+        // The clone that was made ready is the one that must serve the call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let future = inner.call(req).instrument(span.clone());
+        Box::pin(async move {
+            let mut call = TracedCall { span, done: false };
+            let response = match future.await {
+                Ok(r) => r,
+                Err(e) => {
+                    call.finish(Code::Internal);
+                    return Err(e);
+                }
+            };
+            if let Some(code) = grpc_status(response.headers()) {
+                call.finish(code);
+            }
+            Ok(response.map(|body| Traced {
+                inner: Box::pin(body),
+                call,
+            }))
+        })
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .map(|v| Code::from_bytes(v.as_bytes()))
+}
+
+/// One call's span; its status is recorded once.
+struct TracedCall {
+    span: Span,
+    done: bool,
+}
+
+impl TracedCall {
+    fn finish(&mut self, code: Code) {
+        if std::mem::replace(&mut self.done, true) || self.span.is_disabled() {
+            return;
+        }
+        self.span.record("rpc.grpc.status_code", code as i32);
+        if code != Code::Ok {
+            self.span.record("otel.status_code", "ERROR");
+            self.span
+                .record("otel.status_description", code.description());
+        }
+    }
+}
+
+impl Drop for TracedCall {
+    fn drop(&mut self) {
+        // Dropped before its status passed: the client went away, or the server stopped.
+        self.finish(Code::Cancelled);
+    }
+}
+
+/// A response body that ends its call's span when the status passes.
+pub(crate) struct Traced<B> {
+    inner: Pin<Box<B>>,
+    call: TracedCall,
+}
+
+impl<B: HttpBody<Data = Bytes>> HttpBody for Traced<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    this.call.finish(code);
+                    // The call is over: end the span now rather than when hyper drops the body.
+                    this.call.span = Span::none();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.call.finish(Code::Internal),
+            // Ended without trailers: only a trailers-only response does, and it was recorded.
+            Poll::Ready(None) => this.call.finish(Code::Unknown),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_grpc_paths() {
+        assert_eq!(
+            split_path("/jobplane.v1.JobService/SubmitJob"),
+            ("jobplane.v1.JobService", "SubmitJob")
+        );
+        assert_eq!(split_path("/x"), ("unknown", "unknown"));
+        assert_eq!(split_path("/a/b/c"), ("unknown", "unknown"));
+        assert_eq!(split_path(""), ("unknown", "unknown"));
+    }
+
+    #[test]
+    fn extracts_w3c_context_from_metadata() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                .parse()
+                .unwrap(),
+        );
+        let cx = TraceContextPropagator::new().extract(&HeaderExtractor(&headers));
+        let sc = cx.span().span_context().clone();
+        assert!(sc.is_remote());
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        assert_eq!(sc.span_id().to_string(), "b7ad6b7169203331");
+    }
+}
