@@ -9,6 +9,7 @@ mod faults;
 mod grpc_tooling;
 mod idempotency;
 mod lifecycle;
+mod otel;
 mod pools;
 mod retries;
 mod slots;

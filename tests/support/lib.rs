@@ -267,8 +267,21 @@ impl ServerProcess {
     /// Starts `jobplane serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --db
     /// sqlite://DIR/jobplane.db` and waits for its "serving" log line to learn the ports.
     pub async fn start(dir: &Path) -> ServerProcess {
+        Self::start_with_env(dir, &[]).await
+    }
+
+    /// [`ServerProcess::start`] with these environment variables set (`Some`) or removed
+    /// (`None`).
+    pub async fn start_with_env(dir: &Path, env: &[(&str, Option<&str>)]) -> ServerProcess {
         let db = format!("sqlite://{}", dir.join("jobplane.db").display());
-        let mut child = tokio::process::Command::new(jobplane_bin())
+        let mut command = tokio::process::Command::new(jobplane_bin());
+        for (name, value) in env {
+            match value {
+                Some(v) => command.env(name, v),
+                None => command.env_remove(name),
+            };
+        }
+        let mut child = command
             .args([
                 "serve",
                 "--listen",
