@@ -1,4 +1,5 @@
-"""Fixtures: a real `jobplane serve` on 127.0.0.1:0 with a fresh SQLite database per test."""
+"""Fixtures: a real `jobplane serve` on 127.0.0.1:0 (metrics on 127.0.0.1:0 too) with a fresh
+SQLite database per test."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ class Server:
     def __init__(self, tmp: Path) -> None:
         env = dict(os.environ, RUST_LOG="info", NO_COLOR="1")
         self.proc = subprocess.Popen(
-            [jobplane_bin(), "serve", "--listen", "127.0.0.1:0", "--db", f"sqlite://{tmp / 'jobplane.db'}"],
+            [jobplane_bin(), "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+             "--db", f"sqlite://{tmp / 'jobplane.db'}"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
@@ -38,6 +40,7 @@ class Server:
         self.lines: List[str] = []
         found = threading.Event()
         self.addr = ""
+        self.metrics = ""
 
         def read() -> None:
             assert self.proc.stdout is not None
@@ -46,12 +49,18 @@ class Server:
                 line = re.sub(r"\x1b\[[0-9;]*m", "", line)
                 if not found.is_set() and "jobplane serving" in line and "listen=" in line:
                     self.addr = "http://" + line.split("listen=")[1].split()[0]
+                    self.metrics = "http://" + line.split("metrics=")[1].split()[0]
                     found.set()
 
         threading.Thread(target=read, daemon=True).start()
         if not found.wait(30):
             self.proc.kill()
             raise RuntimeError("jobplane serve did not start:\n" + "".join(self.lines))
+
+    def cli(self, *args: str) -> "subprocess.CompletedProcess[str]":
+        """Runs a `jobplane` client command against this service."""
+        return subprocess.run([jobplane_bin(), *args, "--addr", self.addr], capture_output=True,
+                              text=True, timeout=60)
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -152,7 +152,6 @@ def test_async_client_and_async_worker(addr: str) -> None:
 
         @worker.handler("aq")
         async def handle(ctx: jobplane.JobContext) -> Any:
-            await asyncio.sleep(0)
             return ctx.payload * 2
 
         run = asyncio.ensure_future(worker.run_async())
@@ -285,7 +284,6 @@ def test_async_handlers_under_a_blocking_run(addr: str) -> None:
             started.set()
             assert await ctx.wait_cancelled_async(LONG)
             raise RuntimeError("stopped")
-        await asyncio.sleep(0)
         return {"async": ctx.attempt}
 
     @worker.handler("s")

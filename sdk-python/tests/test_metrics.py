@@ -5,75 +5,16 @@ succeeds, one fails, one lookup misses, and the counters and histograms say so."
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
-import threading
 import urllib.request
 import uuid
-from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Tuple
 
-import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from conftest import jobplane_bin
+from conftest import Server, jobplane_bin
 
 QUEUE = "metrics-q"
-
-
-class Service:
-    """`jobplane serve` on 127.0.0.1:0 with its metrics on 127.0.0.1:0."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.proc = subprocess.Popen(
-            [jobplane_bin(), "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-             "--db", f"sqlite://{tmp / 'jobplane.db'}"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, RUST_LOG="info", NO_COLOR="1"),
-            text=True,
-        )
-        self.lines: List[str] = []
-        self.addr = ""
-        self.metrics = ""
-        found = threading.Event()
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                line = re.sub(r"\x1b\[[0-9;]*m", "", line)
-                if not found.is_set() and "jobplane serving" in line:
-                    self.addr = "http://" + line.split("listen=")[1].split()[0]
-                    self.metrics = "http://" + line.split("metrics=")[1].split()[0]
-                    found.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not found.wait(30):
-            self.proc.kill()
-            raise RuntimeError("jobplane serve did not start:\n" + "".join(self.lines))
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([jobplane_bin(), *args, "--addr", self.addr], capture_output=True,
-                              text=True, timeout=60)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[Service]:
-    s = Service(tmp_path)
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
@@ -98,30 +39,30 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_metrics_count_jobs_rpcs_and_commits(service: Service) -> None:
+def test_metrics_count_jobs_rpcs_and_commits(server: Server) -> None:
     # Before anything ran: the endpoint parses (families without a label set yet are empty).
-    types, _ = scrape(service.metrics)
+    types, _ = scrape(server.metrics)
     assert types["jobplane_commit_batch_writes"] == "histogram"
 
     worker = subprocess.Popen(
-        [jobplane_bin(), "worker", QUEUE, "--concurrency", "2", "--addr", service.addr, "--",
+        [jobplane_bin(), "worker", QUEUE, "--concurrency", "2", "--addr", server.addr, "--",
          "sh", "-c", 'read p; case "$p" in *fail*) echo boom >&2; exit 3;; esac; echo done'],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         ids = []
         for payload in ('"ok"', '"fail"'):
-            r = service.cli("submit", QUEUE, "--payload", payload, "--retries", "0", "--output", "json")
+            r = server.cli("submit", QUEUE, "--payload", payload, "--retries", "0", "--output", "json")
             assert r.returncode == 0, r.stderr
             ids.append(json.loads(r.stdout)["id"])
-        ok = service.cli("wait", ids[0], "--timeout", "30s")
+        ok = server.cli("wait", ids[0], "--timeout", "30s")
         assert ok.returncode == 0, ok.stdout + ok.stderr
-        failed = service.cli("wait", ids[1], "--timeout", "30s")
+        failed = server.cli("wait", ids[1], "--timeout", "30s")
         assert failed.returncode == 1, failed.stdout + failed.stderr
-        missing = service.cli("get", str(uuid.uuid4()))
+        missing = server.cli("get", str(uuid.uuid4()))
         assert missing.returncode != 0
 
-        types, samples = scrape(service.metrics)
+        types, samples = scrape(server.metrics)
     finally:
         worker.terminate()
         worker.wait(30)
