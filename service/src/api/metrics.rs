@@ -1,12 +1,7 @@
 //! A tower layer over the gRPC server that records each call's duration and, when it ends with
-//! a status other than OK, its error code, per method.
-//!
-//! A unary error comes back "trailers-only" (`grpc-status` in the response headers); any other
-//! call ends with `grpc-status` in the trailers of the response body, so the body is wrapped and
-//! the call is recorded when its trailers pass, when the body ends, or when it is dropped (the
-//! client went away: `Cancelled`). Methods are labelled only if the service serves them (the
-//! descriptor sets of its services); any other path is `unknown`, so clients cannot grow the
-//! label set.
+//! a status other than OK, its error code, per method (the end of a call: [`super::outcome`]).
+//! Methods are labelled only if the service serves them (the descriptor sets of its services);
+//! any other path is `unknown`, so clients cannot grow the label set.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,12 +11,13 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body::Body as HttpBody;
 use prost::Message as _;
 use tonic::codegen::http;
 use tonic::Code;
 use tower::{Layer, Service};
 
+use super::outcome::{observe, CallEnd, Observed};
 use crate::metrics::Metrics;
 
 /// Layer recording RPC metrics.
@@ -99,7 +95,7 @@ where
     ReqBody: Send + 'static,
     ResBody: HttpBody<Data = Bytes> + Send + 'static,
 {
-    type Response = http::Response<Recorded<ResBody>>;
+    type Response = http::Response<Observed<ResBody, Call>>;
     type Error = S::Error;
     type Future = BoxFuture<Result<Self::Response, Self::Error>>;
 
@@ -112,60 +108,26 @@ where
             metrics: self.layer.metrics.clone(),
             method: self.layer.label(req.uri().path()),
             start: Instant::now(),
-            done: false,
         };
         // The clone that was made ready is the one that must serve the call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let mut call = call;
-            let response = match inner.call(req).await {
-                Ok(r) => r,
-                Err(e) => {
-                    call.finish(Code::Internal);
-                    return Err(e);
-                }
-            };
-            if let Some(code) = grpc_status(response.headers()) {
-                call.finish(code);
-            }
-            Ok(response.map(|body| Recorded {
-                inner: Box::pin(body),
-                call,
-            }))
-        })
+        Box::pin(observe(inner.call(req), call))
     }
 }
 
-fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
-    headers
-        .get("grpc-status")
-        .map(|v| Code::from_bytes(v.as_bytes()))
-}
-
-/// One call being timed; recorded once.
-struct Call {
+/// One call being timed.
+pub(crate) struct Call {
     metrics: Arc<Metrics>,
     method: Arc<str>,
     start: Instant,
-    done: bool,
 }
 
-impl Call {
-    fn finish(&mut self, code: Code) {
-        if std::mem::replace(&mut self.done, true) {
-            return;
-        }
+impl CallEnd for Call {
+    fn end(self, code: Code) {
         let code = (code != Code::Ok).then(|| code_name(code));
         self.metrics
             .rpc_finished(&self.method, code, self.start.elapsed());
-    }
-}
-
-impl Drop for Call {
-    fn drop(&mut self) {
-        // Dropped before its status passed: the client went away, or the server stopped.
-        self.finish(Code::Cancelled);
     }
 }
 
@@ -190,45 +152,6 @@ fn code_name(code: Code) -> &'static str {
         Code::Unavailable => "Unavailable",
         Code::DataLoss => "DataLoss",
         Code::Unauthenticated => "Unauthenticated",
-    }
-}
-
-/// A response body that records its call when the status passes.
-pub(crate) struct Recorded<B> {
-    inner: Pin<Box<B>>,
-    call: Call,
-}
-
-impl<B: HttpBody<Data = Bytes>> HttpBody for Recorded<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.get_mut();
-        let polled = this.inner.as_mut().poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
-                    this.call.finish(code);
-                }
-            }
-            Poll::Ready(Some(Err(_))) => this.call.finish(Code::Internal),
-            // Ended without trailers: only a trailers-only response does, and it was recorded.
-            Poll::Ready(None) => this.call.finish(Code::Unknown),
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

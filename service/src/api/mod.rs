@@ -18,6 +18,7 @@ pub mod convert;
 pub mod error;
 mod job;
 mod metrics;
+mod outcome;
 mod trace;
 mod worker;
 

@@ -5,15 +5,14 @@
 //!
 //! The spans have the target [`EXPORT_TARGET`]: only the OpenTelemetry layer enables them, so
 //! without trace export they are disabled where they are made and nothing else is done. The
-//! span ends when the call's status passes (in the response headers of a trailers-only
-//! response, else in the trailers of the body), when the body ends, or when it is dropped.
+//! span records the call's status and ends with the call ([`super::outcome`]).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body::Body as HttpBody;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -24,6 +23,7 @@ use tracing::field::Empty;
 use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use super::outcome::{observe, CallEnd, Observed};
 use crate::telemetry::EXPORT_TARGET;
 
 /// Layer opening a span per call.
@@ -100,7 +100,7 @@ where
     ReqBody: Send + 'static,
     ResBody: HttpBody<Data = Bytes> + Send + 'static,
 {
-    type Response = http::Response<Traced<ResBody>>;
+    type Response = http::Response<Observed<ResBody, TracedCall>>;
     type Error = S::Error;
     type Future = BoxFuture<Result<Self::Response, Self::Error>>;
 
@@ -114,41 +114,18 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let future = inner.call(req).instrument(span.clone());
-        Box::pin(async move {
-            let mut call = TracedCall { span, done: false };
-            let response = match future.await {
-                Ok(r) => r,
-                Err(e) => {
-                    call.finish(Code::Internal);
-                    return Err(e);
-                }
-            };
-            if let Some(code) = grpc_status(response.headers()) {
-                call.finish(code);
-            }
-            Ok(response.map(|body| Traced {
-                inner: Box::pin(body),
-                call,
-            }))
-        })
+        Box::pin(observe(future, TracedCall { span }))
     }
 }
 
-fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
-    headers
-        .get("grpc-status")
-        .map(|v| Code::from_bytes(v.as_bytes()))
-}
-
-/// One call's span; its status is recorded once.
-struct TracedCall {
+/// One call's span; it ends when this is dropped, once told the call's status.
+pub(crate) struct TracedCall {
     span: Span,
-    done: bool,
 }
 
-impl TracedCall {
-    fn finish(&mut self, code: Code) {
-        if std::mem::replace(&mut self.done, true) || self.span.is_disabled() {
+impl CallEnd for TracedCall {
+    fn end(self, code: Code) {
+        if self.span.is_disabled() {
             return;
         }
         self.span.record("rpc.grpc.status_code", code as i32);
@@ -157,54 +134,6 @@ impl TracedCall {
             self.span
                 .record("otel.status_description", code.description());
         }
-    }
-}
-
-impl Drop for TracedCall {
-    fn drop(&mut self) {
-        // Dropped before its status passed: the client went away, or the server stopped.
-        self.finish(Code::Cancelled);
-    }
-}
-
-/// A response body that ends its call's span when the status passes.
-pub(crate) struct Traced<B> {
-    inner: Pin<Box<B>>,
-    call: TracedCall,
-}
-
-impl<B: HttpBody<Data = Bytes>> HttpBody for Traced<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.get_mut();
-        let polled = this.inner.as_mut().poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
-                    this.call.finish(code);
-                    // The call is over: end the span now rather than when hyper drops the body.
-                    this.call.span = Span::none();
-                }
-            }
-            Poll::Ready(Some(Err(_))) => this.call.finish(Code::Internal),
-            // Ended without trailers: only a trailers-only response does, and it was recorded.
-            Poll::Ready(None) => this.call.finish(Code::Unknown),
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
