@@ -1165,15 +1165,14 @@ impl Scheduler {
                 self.dispatch_queue(&qk, now, out);
                 continue;
             }
-            // A woken job that did not start after all (its queue's workers went to better
-            // jobs) is no longer a waiter of the pool: the capacity counted for it goes to the
-            // next one.
+            // A woken job that did not start after all did not take what the pool counted for
+            // it: its queue's workers went to better jobs, or a better-ranked job that was not
+            // a waiter took the capacity and it parked again (maybe behind a waiter the charge
+            // moved ahead of it). The pool is looked at again for the next waiter. This ends:
+            // of the jobs woken, the first in service order starts unless something else
+            // started in its place.
             for (pk, id) in std::mem::take(&mut self.woken) {
-                let idle = self
-                    .waiting
-                    .get(&id)
-                    .is_some_and(|w| !matches!(w.spot, Spot::Parked(_)));
-                if idle {
+                if self.waiting.contains_key(&id) {
                     self.dirty_pools.insert(pk);
                 }
             }
@@ -1477,7 +1476,13 @@ impl Scheduler {
                 let p = self.pools.get_mut(pk).expect("pool");
                 p.take(units, now);
                 let share = p.config.cost(units) / f64::from(p.config.weight(&qk.namespace));
+                let head = p.waiters.head().map(|h| h.1);
                 p.waiters.charge(&qk.namespace, share);
+                if p.waiters.head().map(|h| h.1) != head {
+                    // Another namespace's waiter is first now: its reservation and its timer
+                    // are the pool's, and it may fit at once.
+                    self.dirty_pools.insert(pk.clone());
+                }
             }
             let pool_name = pool.as_ref().map(|(pk, _)| pk.name.clone());
             self.allocs.insert(
@@ -2406,110 +2411,247 @@ mod tests {
         /// could run.
         #[test]
         fn limits_hold_and_nothing_dispatchable_waits(ops in proptest::collection::vec(op(), 1..120)) {
-            let mut t = T::new();
-            // q1 is another namespace's queue: both share pools a and b.
-            let pq = |i: usize| if i == 0 { qk("q0") } else {
-                QueueKey { namespace: Name::parse("other").unwrap(), name: Name::parse("q1").unwrap() }
-            };
-            t.s.set_queue(&pq(0), 3, false);
-            t.s.set_queue(&pq(1), 0, false);
-            t.s.set_pool(&pk("a"), PoolConfig {
+            replay(ops)?;
+        }
+    }
+
+    /// Cases the property test found (kept as plain tests so they run whatever the seed file).
+    #[test]
+    fn found_cases_hold() {
+        use Op::*;
+        let e = |queue, priority, kind, size| Enqueue {
+            queue,
+            priority,
+            kind,
+            size,
+        };
+        // A dispatch charged its namespace, which made another namespace's waiter the head of
+        // the pool: that waiter fits at once and must be woken.
+        replay(vec![
+            e(0, 0, 1, 1),
+            Usage {
+                alloc: 0,
+                tokens: 0,
+            },
+            e(1, 0, 1, 2),
+            Usage {
+                alloc: 20,
+                tokens: 183,
+            },
+            e(1, 0, 0, 1),
+            Release(9),
+            Release(2),
+            e(1, 0, 1, 1),
+            Advance(2),
+            Advance(18),
+            e(0, 0, 1, 2),
+            e(1, 0, 0, 1),
+            e(1, 0, 0, 1),
+            e(0, 0, 0, 1),
+            e(0, 0, 5, 1),
+            e(1, 0, 1, 1),
+            e(0, 1, 1, 1),
+            Advance(20),
+            Advance(52),
+            Advance(91),
+        ])
+        .unwrap();
+        replay(vec![
+            e(1, 0, 1, 2),
+            Open {
+                worker: 0,
+                open: false,
+            },
+            e(0, 0, 1, 1),
+            Open {
+                worker: 1,
+                open: false,
+            },
+            e(1, 0, 1, 1),
+            e(0, 0, 1, 2),
+            RateLimited {
+                pool: 0,
+                for_ms: 116,
+            },
+            Open {
+                worker: 0,
+                open: true,
+            },
+            Advance(55),
+            e(0, 1, 2, 1),
+            Release(0),
+            Advance(61),
+        ])
+        .unwrap();
+    }
+
+    /// Plays `ops` against a scheduler with two namespaces sharing pools `a` and `b`, checking
+    /// the invariants after each step.
+    fn replay(ops: Vec<Op>) -> Result<(), proptest::test_runner::TestCaseError> {
+        let mut t = T::new();
+        // q1 is another namespace's queue: both share pools a and b.
+        let pq = |i: usize| {
+            if i == 0 {
+                qk("q0")
+            } else {
+                QueueKey {
+                    namespace: Name::parse("other").unwrap(),
+                    name: Name::parse("q1").unwrap(),
+                }
+            }
+        };
+        t.s.set_queue(&pq(0), 3, false);
+        t.s.set_queue(&pq(1), 0, false);
+        t.s.set_pool(
+            &pk("a"),
+            PoolConfig {
                 max_units: units(&[("requests", 3)]),
-                rates: vec![RateLimit { unit: "tokens".into(), amount: 100, per: MS * 100, burst: 200 }],
+                rates: vec![RateLimit {
+                    unit: "tokens".into(),
+                    amount: 100,
+                    per: MS * 100,
+                    burst: 200,
+                }],
                 shared: true,
                 weights: [(Name::parse("other").unwrap(), 2)].into(),
-            }, t.at(0));
-            t.s.set_pool(&pk("b"), PoolConfig { shared: true, ..max_units(2) }, t.at(0));
-            t.s.set_worker(&wid("w0"), WorkerSpec {
+            },
+            t.at(0),
+        );
+        t.s.set_pool(
+            &pk("b"),
+            PoolConfig {
+                shared: true,
+                ..max_units(2)
+            },
+            t.at(0),
+        );
+        t.s.set_worker(
+            &wid("w0"),
+            WorkerSpec {
                 queues: vec![pq(0), pq(1)],
                 slots: 4,
-                resources: Resources { cpu_millis: 4000, memory_bytes: 0 },
+                resources: Resources {
+                    cpu_millis: 4000,
+                    memory_bytes: 0,
+                },
                 labels: BTreeMap::new(),
-            });
-            t.s.set_worker(&wid("w1"), WorkerSpec {
+            },
+        );
+        t.s.set_worker(
+            &wid("w1"),
+            WorkerSpec {
                 queues: vec![pq(1)],
                 slots: 2,
-                resources: Resources { cpu_millis: 2000, memory_bytes: 0 },
+                resources: Resources {
+                    cpu_millis: 2000,
+                    memory_bytes: 0,
+                },
                 labels: [("gpu".to_string(), "yes".to_string())].into(),
-            });
-            let mut now = 0u64;
-            let mut held: Vec<(JobId, u32)> = Vec::new();
-            let mut waiting: Vec<JobId> = Vec::new();
-            for op in ops {
-                match op {
-                    Op::Enqueue { queue, priority, kind, size } => {
-                        let id = JobId::new();
-                        t.s.enqueue(id, &pq(queue), priority, 1, demand(kind, size), t.at(now));
-                        waiting.push(id);
-                    }
-                    Op::Release(i) if !held.is_empty() => {
-                        let (id, a) = held.remove(i % held.len());
-                        t.s.release(id, a);
-                    }
-                    Op::Dequeue(i) if !waiting.is_empty() => {
-                        let id = waiting.remove(i % waiting.len());
-                        t.s.dequeue(id);
-                    }
-                    Op::RateLimited { pool, for_ms } => {
-                        let key = pk(["a", "b"][pool]);
-                        t.s.rate_limited(&key, t.at(now + for_ms), t.at(now));
-                    }
-                    Op::Usage { alloc, tokens } if !held.is_empty() => {
-                        let (id, a) = held[alloc % held.len()];
-                        t.s.report_usage(id, a, &units(&[("tokens", tokens)]), t.at(now));
-                    }
-                    Op::Open { worker, open } => {
-                        t.s.set_worker_open(&wid(["w0", "w1"][worker]), open);
-                    }
-                    Op::Advance(ms) => now += ms,
-                    _ => {}
+            },
+        );
+        let mut now = 0u64;
+        let mut held: Vec<(JobId, u32)> = Vec::new();
+        let mut waiting: Vec<JobId> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Enqueue {
+                    queue,
+                    priority,
+                    kind,
+                    size,
+                } => {
+                    let id = JobId::new();
+                    t.s.enqueue(id, &pq(queue), priority, 1, demand(kind, size), t.at(now));
+                    waiting.push(id);
                 }
-                let at = t.at(now);
-                let before: HashMap<PoolKey, Option<Instant>> = t
-                    .s
-                    .pools
+                Op::Release(i) if !held.is_empty() => {
+                    let (id, a) = held.remove(i % held.len());
+                    t.s.release(id, a);
+                }
+                Op::Dequeue(i) if !waiting.is_empty() => {
+                    let id = waiting.remove(i % waiting.len());
+                    t.s.dequeue(id);
+                }
+                Op::RateLimited { pool, for_ms } => {
+                    let key = pk(["a", "b"][pool]);
+                    t.s.rate_limited(&key, t.at(now + for_ms), t.at(now));
+                }
+                Op::Usage { alloc, tokens } if !held.is_empty() => {
+                    let (id, a) = held[alloc % held.len()];
+                    t.s.report_usage(id, a, &units(&[("tokens", tokens)]), t.at(now));
+                }
+                Op::Open { worker, open } => {
+                    t.s.set_worker_open(&wid(["w0", "w1"][worker]), open);
+                }
+                Op::Advance(ms) => now += ms,
+                _ => {}
+            }
+            let at = t.at(now);
+            let before: HashMap<PoolKey, Option<Instant>> =
+                t.s.pools
                     .iter()
                     .map(|(k, p)| (k.clone(), p.cooldown_until))
                     .collect();
-                for d in t.decide(now) {
-                    match d {
-                        Decision::Dispatch { job, attempt, pool, .. } => {
-                            if let Some(name) = pool {
-                                let key = PoolKey { namespace: ns(), name };
-                                let cooling = before[&key].is_some_and(|u| u > at);
-                                proptest::prop_assert!(!cooling, "dispatched on cooling pool {key}");
-                            }
-                            waiting.retain(|w| *w != job);
-                            held.push((job, attempt));
+            for d in t.decide(now) {
+                match d {
+                    Decision::Dispatch {
+                        job, attempt, pool, ..
+                    } => {
+                        if let Some(name) = pool {
+                            let key = PoolKey {
+                                namespace: ns(),
+                                name,
+                            };
+                            let cooling = before[&key].is_some_and(|u| u > at);
+                            proptest::prop_assert!(!cooling, "dispatched on cooling pool {key}");
                         }
-                        Decision::Expire { job, .. } => waiting.retain(|w| *w != job),
+                        waiting.retain(|w| *w != job);
+                        held.push((job, attempt));
                     }
+                    Decision::Expire { job, .. } => waiting.retain(|w| *w != job),
                 }
-                for (k, w) in &t.s.workers {
-                    proptest::prop_assert!(w.in_use.cpu_millis <= w.offer.cpu_millis, "cpu of {k}");
-                    proptest::prop_assert!(w.used <= w.slots || !w.open, "slots of {k}");
-                }
-                if let Some(id) = dispatchable(&t.s, at) {
-                    let w = &t.s.waiting[&id];
-                    let pools: Vec<String> = t.s.pools.iter().map(|(k, p)| format!(
-                        "{k}: in_use {:?} tokens {:?} cooldown {:?} waiters {:?} timer {:?}",
-                        p.in_use,
-                        p.config.rates.iter().zip(&p.buckets).map(|(r, b)| b.level(r, at)).collect::<Vec<_>>(),
-                        p.cooldown_until.map(|u| u.saturating_duration_since(t.t0)),
-                        p.waiters.by_ns.values().flatten().map(|r| r.id).collect::<Vec<_>>(),
-                        p.timer.map(|k| k.0.saturating_duration_since(t.t0)),
-                    )).collect();
-                    proptest::prop_assert!(false, "dispatchable job {id} waits: spot {:?} rank {:?} queue {} demand {:?} since {:?} now {:?}\n{}\ntimers {:?}",
-                        w.spot, w.rank, w.queue, w.demand, w.since.saturating_duration_since(t.t0), at.saturating_duration_since(t.t0), pools.join("\n"),
-                        t.s.timers.iter().map(|(k, v)| (k.0.saturating_duration_since(t.t0), v.clone())).collect::<Vec<_>>());
-                }
-                // Nothing waits forever for a timer that is not armed.
-                for w in t.s.waiting.values() {
-                    if let Some(d) = w.expires_after() {
-                        proptest::prop_assert!(w.timer.is_some() || w.since + d > at);
-                    }
+            }
+            for (k, w) in &t.s.workers {
+                proptest::prop_assert!(w.in_use.cpu_millis <= w.offer.cpu_millis, "cpu of {k}");
+                proptest::prop_assert!(w.used <= w.slots || !w.open, "slots of {k}");
+            }
+            if let Some(id) = dispatchable(&t.s, at) {
+                let w = &t.s.waiting[&id];
+                let pools: Vec<String> =
+                    t.s.pools
+                        .iter()
+                        .map(|(k, p)| {
+                            format!(
+                            "{k}: in_use {:?} tokens {:?} cooldown {:?} waiters {:?} timer {:?}",
+                            p.in_use,
+                            p.config
+                                .rates
+                                .iter()
+                                .zip(&p.buckets)
+                                .map(|(r, b)| b.level(r, at))
+                                .collect::<Vec<_>>(),
+                            p.cooldown_until.map(|u| u.saturating_duration_since(t.t0)),
+                            p.waiters
+                                .by_ns
+                                .values()
+                                .flatten()
+                                .map(|r| r.id)
+                                .collect::<Vec<_>>(),
+                            p.timer.map(|k| k.0.saturating_duration_since(t.t0)),
+                        )
+                        })
+                        .collect();
+                proptest::prop_assert!(false, "dispatchable job {id} waits: spot {:?} rank {:?} queue {} demand {:?} since {:?} now {:?}\n{}\ntimers {:?}",
+                    w.spot, w.rank, w.queue, w.demand, w.since.saturating_duration_since(t.t0), at.saturating_duration_since(t.t0), pools.join("\n"),
+                    t.s.timers.iter().map(|(k, v)| (k.0.saturating_duration_since(t.t0), v.clone())).collect::<Vec<_>>());
+            }
+            // Nothing waits forever for a timer that is not armed.
+            for w in t.s.waiting.values() {
+                if let Some(d) = w.expires_after() {
+                    proptest::prop_assert!(w.timer.is_some() || w.since + d > at);
                 }
             }
         }
+        Ok(())
     }
 }
