@@ -315,6 +315,8 @@ pub fn pb_job(j: &Job) -> pb::Job {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         pool: j.pool.as_ref().map(ToString::to_string).unwrap_or_default(),
+        traceparent: String::new(),
+        tracestate: String::new(),
     }
 }
 

@@ -53,6 +53,7 @@ fn assignment(job: &crate::engine::model::Job) -> pb::Assignment {
         priority: job.priority,
         traceparent: String::new(),
         pool: job.pool.as_ref().map(|p| p.to_string()).unwrap_or_default(),
+        tracestate: String::new(),
     }
 }
 
