@@ -276,6 +276,8 @@ pub(crate) fn job_from_pb(j: pb::Job) -> Result<Job> {
         resources: resources_from_pb(j.resources),
         selector: sorted(j.selector),
         pool: non_empty(j.pool),
+        traceparent: non_empty(j.traceparent),
+        tracestate: non_empty(j.tracestate),
     })
 }
 
@@ -507,6 +509,8 @@ mod tests {
                 .into_iter()
                 .collect(),
             pool: String::new(),
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            tracestate: String::new(),
         }
     }
 

@@ -476,6 +476,11 @@ pub struct Job {
     pub selector: BTreeMap<String, String>,
     /// The pool the current or last attempt took its capacity from.
     pub pool: Option<String>,
+    /// W3C `traceparent` of the job's trace (the service span that accepted it), if it has one:
+    /// a span that waits for the job can link to it.
+    pub traceparent: Option<String>,
+    /// W3C `tracestate` that came with the job's trace context, if any.
+    pub tracestate: Option<String>,
 }
 
 impl Job {
