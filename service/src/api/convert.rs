@@ -267,6 +267,7 @@ pub fn spec(s: Option<pb::JobSpec>, f: &str) -> R<JobSpec> {
             }
             other => other,
         },
+        trace: None,
     })
 }
 
@@ -315,8 +316,16 @@ pub fn pb_job(j: &Job) -> pb::Job {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         pool: j.pool.as_ref().map(ToString::to_string).unwrap_or_default(),
-        traceparent: String::new(),
-        tracestate: String::new(),
+        traceparent: j
+            .trace
+            .as_ref()
+            .map(|t| t.traceparent.clone())
+            .unwrap_or_default(),
+        tracestate: j
+            .trace
+            .as_ref()
+            .map(|t| t.tracestate.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -8,10 +8,12 @@ use futures::{Stream, StreamExt};
 use jobplane_proto::pb;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use super::convert::{self, MAX_BATCH};
 use super::error::{invalid, to_status};
 use super::grpc_timeout;
+use super::trace;
 use crate::engine::model::{JobFilter, JobId, JobState};
 use crate::engine::{Engine, WaitMode};
 
@@ -72,9 +74,18 @@ impl pb::job_service_server::JobService for Jobs {
         &self,
         req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        let spec = convert::spec(req.into_inner().spec, "spec").map_err(to_status)?;
-        let mut out = self.engine.submit(vec![spec]).await.map_err(to_status)?;
+        let (meta, _, msg) = req.into_parts();
+        let mut spec = convert::spec(msg.spec, "spec").map_err(to_status)?;
+        let accept = trace::accept_span(Some(spec.queue.as_str()), 1);
+        spec.trace = trace::job_trace(&accept, &meta);
+        let mut out = self
+            .engine
+            .submit(vec![spec])
+            .instrument(accept.clone())
+            .await
+            .map_err(|e| trace::failed(&accept, to_status(e)))?;
         let s = out.pop().ok_or_else(|| Status::internal("no result"))?;
+        accept.record("jobplane.job_id", tracing::field::display(s.job.id));
         Ok(Response::new(pb::SubmitJobResponse {
             job: Some(convert::pb_job(&s.job)),
             created: s.created,
@@ -85,7 +96,8 @@ impl pb::job_service_server::JobService for Jobs {
         &self,
         req: Request<pb::SubmitJobsRequest>,
     ) -> Result<Response<pb::SubmitJobsResponse>, Status> {
-        let specs = req.into_inner().specs;
+        let (meta, _, msg) = req.into_parts();
+        let specs = msg.specs;
         if specs.is_empty() {
             return Err(invalid("specs", "must hold at least one job"));
         }
@@ -95,13 +107,25 @@ impl pb::job_service_server::JobService for Jobs {
                 format!("at most {MAX_BATCH} jobs per batch"),
             ));
         }
-        let specs = specs
+        let mut specs = specs
             .into_iter()
             .enumerate()
             .map(|(i, s)| convert::spec(Some(s), &format!("specs[{i}]")))
             .collect::<Result<Vec<_>, _>>()
             .map_err(to_status)?;
-        let out = self.engine.submit(specs).await.map_err(to_status)?;
+        let queue = specs[0].queue.clone();
+        let one_queue = specs.iter().all(|s| s.queue == queue);
+        let accept = trace::accept_span(one_queue.then_some(queue.as_str()), specs.len());
+        let job_trace = trace::job_trace(&accept, &meta);
+        for s in &mut specs {
+            s.trace = job_trace.clone();
+        }
+        let out = self
+            .engine
+            .submit(specs)
+            .instrument(accept.clone())
+            .await
+            .map_err(|e| trace::failed(&accept, to_status(e)))?;
         Ok(Response::new(pb::SubmitJobsResponse {
             results: out
                 .iter()

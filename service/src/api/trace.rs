@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -17,6 +18,7 @@ use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tonic::codegen::http;
+use tonic::metadata::MetadataMap;
 use tonic::Code;
 use tower::{Layer, Service};
 use tracing::field::Empty;
@@ -24,6 +26,8 @@ use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::outcome::{observe, CallEnd, Observed};
+use crate::engine::model::TraceContext;
+use crate::engine::spans;
 use crate::telemetry::EXPORT_TARGET;
 
 /// Layer opening a span per call.
@@ -115,6 +119,60 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let future = inner.call(req).instrument(span.clone());
         Box::pin(observe(future, TracedCall { span }))
+    }
+}
+
+/// The span of accepting submitted jobs (until their commit), a child of the call's span. Its
+/// context becomes the jobs' trace: every span of their lives is in it. `queue` is the jobs'
+/// queue when they share one.
+pub(crate) fn accept_span(queue: Option<&str>, jobs: usize) -> Span {
+    tracing::info_span!(
+        target: EXPORT_TARGET,
+        "accept",
+        otel.name = %format_args!("accept {}", queue.unwrap_or("jobs")),
+        otel.kind = "internal",
+        messaging.system = "jobplane",
+        messaging.operation.type = "create",
+        messaging.destination.name = queue,
+        messaging.batch.message_count = jobs,
+        jobplane.queue = queue,
+        jobplane.job_id = Empty,
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+    )
+}
+
+/// The trace context submitted jobs get: the accept span's when traces are exported, else the
+/// caller's from the request metadata (so a worker still continues the submitter's trace), else
+/// none.
+pub(crate) fn job_trace(accept: &Span, meta: &MetadataMap) -> Option<Arc<TraceContext>> {
+    let cx = if accept.is_disabled() {
+        TraceContextPropagator::new().extract(&MetadataExtractor(meta))
+    } else {
+        accept.context()
+    };
+    spans::trace_context(cx.span().span_context()).map(Arc::new)
+}
+
+/// Marks `span` failed with `status`, and passes the status on.
+pub(crate) fn failed(span: &Span, status: tonic::Status) -> tonic::Status {
+    if !span.is_disabled() {
+        span.record("otel.status_code", "ERROR");
+        span.record("otel.status_description", status.message());
+    }
+    status
+}
+
+/// Reads W3C trace context from gRPC metadata.
+struct MetadataExtractor<'a>(&'a MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        Vec::new()
     }
 }
 

@@ -38,7 +38,10 @@ impl Workers {
     }
 }
 
-fn assignment(job: &crate::engine::model::Job) -> pb::Assignment {
+fn assignment(
+    job: &crate::engine::model::Job,
+    trace: Option<&crate::engine::model::TraceContext>,
+) -> pb::Assignment {
     pb::Assignment {
         job_id: job.id.to_string(),
         attempt: job.attempt,
@@ -51,9 +54,9 @@ fn assignment(job: &crate::engine::model::Job) -> pb::Assignment {
             .collect(),
         run_timeout: job.run_timeout.map(convert::pb_duration),
         priority: job.priority,
-        traceparent: String::new(),
+        traceparent: trace.map(|t| t.traceparent.clone()).unwrap_or_default(),
         pool: job.pool.as_ref().map(|p| p.to_string()).unwrap_or_default(),
-        tracestate: String::new(),
+        tracestate: trace.map(|t| t.tracestate.clone()).unwrap_or_default(),
     }
 }
 
@@ -77,8 +80,8 @@ fn message(m: ToWorker) -> pb::ConnectResponse {
                 })
                 .collect(),
         }),
-        ToWorker::Assign(job) => Msg::Assignments(pb::Assignments {
-            assignments: vec![assignment(&job)],
+        ToWorker::Assign(job, trace) => Msg::Assignments(pb::Assignments {
+            assignments: vec![assignment(&job, trace.as_deref())],
         }),
         ToWorker::Cancel {
             job_id,
@@ -226,11 +229,13 @@ impl pb::worker_service_server::WorkerService for Workers {
                 };
                 let Some(m) = next else { break };
                 match m {
-                    ToWorker::Assign(job) => {
-                        let mut batch = vec![assignment(&job)];
+                    ToWorker::Assign(job, trace) => {
+                        let mut batch = vec![assignment(&job, trace.as_deref())];
                         while batch.len() < MAX_ASSIGNMENTS_PER_MESSAGE {
                             match rx.try_recv() {
-                                Ok(ToWorker::Assign(job)) => batch.push(assignment(&job)),
+                                Ok(ToWorker::Assign(job, trace)) => {
+                                    batch.push(assignment(&job, trace.as_deref()))
+                                }
                                 Ok(other) => {
                                     held = Some(other);
                                     break;

@@ -47,6 +47,9 @@ pub async fn run(args: ServeArgs) -> Result<Outcome, CliError> {
         },
         engine: jobplane_server::EngineConfig {
             retention: args.retention,
+            job_spans: jobplane_server::telemetry::export_configured(|name| {
+                std::env::var(name).ok()
+            }),
             ..Default::default()
         },
     };

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::hub::Hub;
-use super::model::{Event, Job};
+use super::model::{Event, EventKind, Job};
 use super::EngineError;
 use super::ToWorker;
 use crate::metrics::Metrics;
@@ -173,7 +173,10 @@ async fn run(
             if result.is_ok() {
                 for effect in p.outbox.effects {
                     match effect {
-                        Effect::Publish { job, events } => hub.publish(job.as_ref(), &events),
+                        Effect::Publish { job, events } => {
+                            log_state_changes(job.as_deref(), &events);
+                            hub.publish(job.as_ref(), &events)
+                        }
                         Effect::ToWorker { tx, msg } => {
                             // A closed stream means the worker is gone; its lease handles it.
                             let _ = tx.send(msg);
@@ -185,5 +188,110 @@ async fn run(
                 let _ = done.send(result.clone());
             }
         }
+    }
+}
+
+/// One log line per committed state change (target `jobplane::job`, level INFO): job, queue,
+/// from→to, attempt, and the error of a failure.
+fn log_state_changes(job: Option<&Job>, events: &[Arc<Event>]) {
+    let Some(job) = job else { return };
+    if !tracing::enabled!(target: "jobplane::job", tracing::Level::INFO) {
+        return;
+    }
+    for e in events {
+        if let EventKind::State {
+            from,
+            to,
+            attempt,
+            error,
+            ..
+        } = &e.kind
+        {
+            let from = from.map_or("NEW", |f| f.as_str());
+            match error {
+                Some(err) => tracing::info!(
+                    target: "jobplane::job",
+                    job = %job.id, queue = %job.queue, namespace = %job.namespace,
+                    from, to = to.as_str(), attempt, error = %err.reason,
+                    "job {from}→{}", to.as_str()
+                ),
+                None => tracing::info!(
+                    target: "jobplane::job",
+                    job = %job.id, queue = %job.queue, namespace = %job.namespace,
+                    from, to = to.as_str(), attempt,
+                    "job {from}→{}", to.as_str()
+                ),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::engine::core::Core;
+    use crate::engine::model::{JobSpec, Name, Timestamp};
+
+    /// A log writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn each_state_change_logs_one_line() {
+        let mut core = Core::new(Default::default());
+        let mut out = Outbox::default();
+        let spec = JobSpec {
+            namespace: Name::default_namespace(),
+            queue: Name::parse("mail").unwrap(),
+            payload: Default::default(),
+            labels: Default::default(),
+            priority: 0,
+            idempotency_key: None,
+            run_timeout: None,
+            max_wait: None,
+            retry_policy: None,
+            scheduled_at: None,
+            demand: Default::default(),
+            trace: None,
+        };
+        core.submit(vec![spec], Timestamp::now(), &mut out).unwrap();
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for e in &out.effects {
+                if let Effect::Publish { job, events } = e {
+                    log_state_changes(job.as_deref(), events);
+                }
+            }
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let f = &lines[0]["fields"];
+        assert_eq!(lines[0]["target"], "jobplane::job");
+        assert_eq!(lines[0]["level"], "INFO");
+        assert_eq!(f["message"], "job NEW→QUEUED");
+        assert_eq!((&f["from"], &f["to"]), (&"NEW".into(), &"QUEUED".into()));
+        assert_eq!(f["queue"], "mail");
+        assert_eq!(f["attempt"], 0);
+        assert!(f["job"].as_str().is_some_and(|j| j.len() == 36));
     }
 }

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::commit::{Effect, Outbox};
 use super::model::*;
 use super::scheduler::{Decision, DeletePoolError, Scheduler, WorkerSpec};
+use super::spans;
 use super::state::{transition, InvalidTransition, Trigger};
 use super::timers::{Timer, TimerKey, Timers};
 use super::{
@@ -32,6 +33,23 @@ struct Active {
     state_timer: Option<TimerKey>,
     wait_timer: Option<TimerKey>,
     cancel_timer: Option<TimerKey>,
+    /// Only while its spans are recorded ([`EngineConfig::job_spans`]): its current stay in
+    /// QUEUED, and the context of its current attempt's `dispatch` span.
+    queued: Option<spans::Queued>,
+    dispatch_trace: Option<Arc<TraceContext>>,
+}
+
+impl Active {
+    fn new(job: Arc<Job>) -> Self {
+        Active {
+            job,
+            state_timer: None,
+            wait_timer: None,
+            cancel_timer: None,
+            queued: None,
+            dispatch_trace: None,
+        }
+    }
 }
 
 /// What the engine keeps of a queue; dispatch state lives in the scheduler.
@@ -110,6 +128,9 @@ pub(crate) struct Core {
     session_seq: u64,
     /// Counters and histograms of what happens (submits, completions, attempt times).
     pub metrics: Arc<Metrics>,
+    /// Queued jobs whose `waiting_for` is to be noted for their `queued` span once the
+    /// current step has settled (only while job spans are recorded).
+    wait_noted: Vec<JobId>,
 }
 
 fn log_invalid(e: &InvalidTransition, id: JobId) {
@@ -129,11 +150,13 @@ fn rfc3339(t: Timestamp) -> String {
 
 impl Core {
     pub fn new(config: EngineConfig) -> Self {
+        let mut sched = Scheduler::default();
+        sched.record_parks = config.job_spans;
         Core {
             config,
             jobs: HashMap::new(),
             queues: HashMap::new(),
-            sched: Scheduler::default(),
+            sched,
             sched_timer: None,
             workers: HashMap::new(),
             idempotency: HashMap::new(),
@@ -141,6 +164,7 @@ impl Core {
             timer_rearm: false,
             session_seq: 0,
             metrics: Arc::new(Metrics::new()),
+            wait_noted: Vec::new(),
         }
     }
 
@@ -194,15 +218,13 @@ impl Core {
                 .then(|| job.max_wait.map(|w| job.scheduled_at.plus(w)))
                 .flatten();
             let scheduled_at = job.scheduled_at;
-            self.jobs.insert(
-                id,
-                Active {
-                    job: Arc::new(job),
-                    state_timer: None,
-                    wait_timer: None,
-                    cancel_timer: None,
-                },
-            );
+            let mut active = Active::new(Arc::new(job));
+            if state == JobState::Queued && self.spans_of(&active.job) {
+                // Its stay in the queue began at its last change.
+                active.queued = Some(spans::Queued::new(active.job.updated_at));
+                self.wait_noted.push(id);
+            }
+            self.jobs.insert(id, active);
             match state {
                 JobState::Queued => {
                     if scheduled_at > now {
@@ -328,7 +350,6 @@ impl Core {
                 Bytes::new()
             },
         };
-        tracing::debug!(job = %id, queue = %job.queue, from = %from, to = %to, attempt = job.attempt, "job state change");
         if from == JobState::Leased && to == JobState::Running {
             self.metrics
                 .attempt_started(&job.namespace, &job.queue, now.since(job.scheduled_at));
@@ -344,6 +365,12 @@ impl Core {
         }
         let job = Arc::new(job);
         active.job = job.clone();
+        if self.config.job_spans && job.trace.is_some() {
+            Self::record_spans(active, &job, trigger, from, started_at, now);
+            if to == JobState::Queued && from != JobState::Queued {
+                self.wait_noted.push(id);
+            }
+        }
         out.writes.push(Write::UpdateJob {
             job: job.clone(),
             expected_version,
@@ -413,6 +440,60 @@ impl Core {
             }
         }
         Ok(job)
+    }
+
+    /// Whether the spans of this job's life are recorded.
+    fn spans_of(&self, job: &Job) -> bool {
+        self.config.job_spans && job.trace.is_some()
+    }
+
+    /// The spans a state change ends (see [`spans`]); `started_at` is when the attempt that
+    /// may have ended started running.
+    fn record_spans(
+        active: &mut Active,
+        job: &Job,
+        trigger: Trigger,
+        from: JobState,
+        started_at: Option<Timestamp>,
+        now: Timestamp,
+    ) {
+        let to = job.state;
+        let holds = |s: JobState| matches!(s, JobState::Leased | JobState::Running);
+        if from == JobState::Queued && to != JobState::Queued {
+            if let Some(q) = active.queued.take() {
+                spans::queued(job, &q, to, now);
+            }
+        }
+        if holds(from) && !holds(to) {
+            let failed = matches!(trigger, Trigger::Retry | Trigger::Fail | Trigger::TimeOut);
+            let dispatch = active.dispatch_trace.take();
+            spans::complete(job, dispatch.as_deref(), to, failed, started_at, now);
+        }
+        if trigger == Trigger::Dispatch {
+            active.dispatch_trace = spans::dispatch(job, now).map(Arc::new);
+        }
+        if to == JobState::Queued && from != JobState::Queued {
+            active.queued = Some(spans::Queued::new(now));
+        }
+    }
+
+    /// Notes why the queued jobs of [`Self::wait_noted`] and those the scheduler parked wait,
+    /// for their `queued` spans.
+    fn note_waits(&mut self, now: Timestamp) {
+        let mut ids = std::mem::take(&mut self.wait_noted);
+        ids.extend(self.sched.take_parked());
+        for id in ids {
+            let Some(a) = self.jobs.get(&id) else {
+                continue;
+            };
+            if a.queued.is_none() || a.job.state != JobState::Queued {
+                continue;
+            }
+            let reason = self.explain(&a.job, now);
+            if let Some(q) = self.jobs.get_mut(&id).and_then(|a| a.queued.as_mut()) {
+                q.note(now, reason);
+            }
+        }
     }
 
     /// Records a change that is not a state change (progress, output, cancel flag).
@@ -498,6 +579,9 @@ impl Core {
                 }
             }
         }
+        if self.config.job_spans {
+            self.note_waits(now);
+        }
         let want = self.sched.next_wakeup();
         if self.sched_timer.map(|k| k.at()) != want {
             if let Some(k) = self.sched_timer.take() {
@@ -552,9 +636,13 @@ impl Core {
         let at = Instant::now() + self.config.ack_timeout;
         let k = self.timer(at, Timer::AckTimeout(job.id, job.attempt));
         self.active_mut(job.id).state_timer = Some(k);
+        let trace = match &self.jobs[&job.id].dispatch_trace {
+            Some(t) => Some(t.clone()),
+            None => job.trace.clone(),
+        };
         out.effects.push(Effect::ToWorker {
             tx,
-            msg: ToWorker::Assign(job),
+            msg: ToWorker::Assign(job, trace),
         });
     }
 
@@ -808,6 +896,7 @@ impl Core {
             output_bytes: 0,
             demand: spec.demand,
             pool: None,
+            trace: spec.trace,
         };
         let event = Event {
             job_id: id,
@@ -847,15 +936,12 @@ impl Core {
             .or_default()
             .queued
             .insert((job.created_at, id));
-        self.jobs.insert(
-            id,
-            Active {
-                job: job.clone(),
-                state_timer: None,
-                wait_timer: None,
-                cancel_timer: None,
-            },
-        );
+        let mut active = Active::new(job.clone());
+        if self.spans_of(&job) {
+            active.queued = Some(spans::Queued::new(now));
+            self.wait_noted.push(id);
+        }
+        self.jobs.insert(id, active);
         if scheduled_at > now {
             let at = self.at(now, scheduled_at);
             let k = self.timer(at, Timer::Ready(id));

@@ -11,11 +11,14 @@ pub mod error;
 pub mod hub;
 pub mod model;
 pub mod scheduler;
+pub(crate) mod spans;
 pub mod state;
 mod timers;
 
 #[cfg(test)]
 mod proptests;
+#[cfg(test)]
+mod span_tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -58,6 +61,9 @@ pub struct EngineConfig {
     pub retention: Duration,
     /// How often expired idempotency keys and jobs past their retention are pruned.
     pub maintenance_interval: Duration,
+    /// Record the spans of each job's life (`queued`, `dispatch`, `complete`) through the
+    /// global OpenTelemetry tracer provider; on when traces are exported.
+    pub job_spans: bool,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +78,7 @@ impl Default for EngineConfig {
             max_batch_writes: 8192,
             retention: Duration::from_secs(7 * 24 * 3600),
             maintenance_interval: Duration::from_secs(60),
+            job_spans: false,
         }
     }
 }
@@ -90,8 +97,9 @@ pub enum ToWorker {
         /// Attempts it keeps from an earlier session.
         kept: Vec<(JobId, u32)>,
     },
-    /// New work (committed as LEASED).
-    Assign(Arc<Job>),
+    /// New work (committed as LEASED), with the trace context the worker's span continues
+    /// (the attempt's `dispatch` span, or the job's own trace).
+    Assign(Arc<Job>, Option<Arc<TraceContext>>),
     /// Stop an attempt.
     Cancel {
         /// Job.

@@ -398,6 +398,18 @@ pub struct JobSpec {
     pub scheduled_at: Option<Timestamp>,
     /// Pools, resources and worker selector.
     pub demand: Arc<Demand>,
+    /// The trace the job's life is recorded in (not part of what the submitter chose: a
+    /// retried submit with another trace is the same submit).
+    pub trace: Option<Arc<TraceContext>>,
+}
+
+/// A W3C trace context: where a job's spans go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    /// `traceparent`: `00-<trace id>-<span id>-<flags>`.
+    pub traceparent: String,
+    /// `tracestate` (may be empty).
+    pub tracestate: String,
 }
 
 impl JobSpec {
@@ -513,6 +525,9 @@ pub struct Job {
     pub demand: Arc<Demand>,
     /// The pool the current or last attempt took its capacity from.
     pub pool: Option<Name>,
+    /// The job's trace: the context of the service span that accepted it (or the submitter's,
+    /// when the service does not export traces). Fixed at submit.
+    pub trace: Option<Arc<TraceContext>>,
 }
 
 /// What an event says.

@@ -192,6 +192,7 @@ impl World {
                 }),
                 scheduled_at: None,
                 demand: Default::default(),
+                trace: None,
             })
             .collect();
         let ids = core

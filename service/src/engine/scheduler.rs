@@ -600,6 +600,9 @@ pub struct Scheduler {
     /// Jobs a pool woke counting on them to take its capacity: if one is still waiting once
     /// its queue was dispatched, the pool is woken again for the next waiter.
     woken: Vec<(PoolKey, JobId)>,
+    /// Whether jobs parked on pools or left unplaced are listed for [`Self::take_parked`].
+    pub(crate) record_parks: bool,
+    parked: Vec<JobId>,
     seq: u64,
 }
 
@@ -967,6 +970,11 @@ impl Scheduler {
                 p.refs = p.refs.saturating_sub(1);
             }
         }
+    }
+
+    /// The jobs parked on pools or left unplaced since the last call (if `record_parks`).
+    pub(crate) fn take_parked(&mut self) -> Vec<JobId> {
+        std::mem::take(&mut self.parked)
     }
 
     /// Whether the job is waiting here.
@@ -1440,6 +1448,9 @@ impl Scheduler {
                         }
                     }
                     self.waiting.get_mut(&rank.id).expect("waiting").spot = Spot::Parked(parked_on);
+                    if self.record_parks {
+                        self.parked.push(rank.id);
+                    }
                     continue;
                 }
             }
@@ -1451,6 +1462,9 @@ impl Scheduler {
                     q.ready.remove(&rank);
                     q.unplaced.insert(rank);
                     self.waiting.get_mut(&rank.id).expect("waiting").spot = Spot::Unplaced;
+                    if self.record_parks {
+                        self.parked.push(rank.id);
+                    }
                     continue;
                 }
             };

@@ -22,20 +22,20 @@ use uuid::Uuid;
 use super::{Recovered, Store, StoreError, Write};
 use crate::engine::model::{
     Event, EventKind, IdempotencyRecord, Job, JobError, JobFilter, JobId, JobState, Name,
-    PoolConfig, PoolKey, QueueConfig, QueueKey, Timestamp, WorkerId,
+    PoolConfig, PoolKey, QueueConfig, QueueKey, Timestamp, TraceContext, WorkerId,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/sqlite");
 
 /// Most rows per multi-row statement (SQLite allows 32,766 bound parameters; a job insert binds
-/// 28 per row). Few, large statements per transaction: each statement is a round trip to sqlx's
+/// 32 per row). Few, large statements per transaction: each statement is a round trip to sqlx's
 /// SQLite thread, which costs more than parsing a statement text the cache has not seen.
 const ROWS_PER_STATEMENT: usize = 1024;
 
 const JOB_COLUMNS: &str = "id, namespace, queue, payload, labels, priority, idempotency_key, \
     state, attempt, retries_used, retry_policy, run_timeout_us, max_wait_us, result, \
     error_reason, error_message, waiting_for, progress, worker_id, cancel_requested, created_at, \
-    scheduled_at, started_at, finished_at, updated_at, last_seq, version, output_bytes, demand, pool";
+    scheduled_at, started_at, finished_at, updated_at, last_seq, version, output_bytes, demand, pool, traceparent, tracestate";
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -213,7 +213,9 @@ impl Store for SqliteStore {
                     .push_bind(job.version as i64)
                     .push_bind(job.output_bytes as i64)
                     .push_bind(demand_json(job))
-                    .push_bind(job.pool.as_ref().map(|p| p.as_str().to_owned()));
+                    .push_bind(job.pool.as_ref().map(|p| p.as_str().to_owned()))
+                    .push_bind(job.trace.as_ref().map(|t| t.traceparent.clone()))
+                    .push_bind(job.trace.as_ref().map(|t| t.tracestate.clone()));
             });
             qb.build().execute(&mut *tx).await?;
         }
@@ -604,6 +606,8 @@ fn job_from_row(r: &SqliteRow) -> Result<Job, StoreError> {
     let result: Option<Vec<u8>> = r.try_get("result")?;
     let demand: String = r.try_get("demand")?;
     let pool: Option<String> = r.try_get("pool")?;
+    let traceparent: Option<String> = r.try_get("traceparent")?;
+    let tracestate: Option<String> = r.try_get("tracestate")?;
     Ok(Job {
         id: job_id(r.try_get("id")?)?,
         namespace: name(r.try_get("namespace")?)?,
@@ -637,5 +641,11 @@ fn job_from_row(r: &SqliteRow) -> Result<Job, StoreError> {
         output_bytes: r.try_get::<i64, _>("output_bytes")? as u64,
         demand: Arc::new(serde_json::from_str(&demand).map_err(corrupt)?),
         pool: pool.map(name).transpose()?,
+        trace: traceparent.map(|traceparent| {
+            Arc::new(TraceContext {
+                traceparent,
+                tracestate: tracestate.unwrap_or_default(),
+            })
+        }),
     })
 }

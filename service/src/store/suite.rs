@@ -47,6 +47,7 @@ fn job(queue: &str, labels: &[(&str, &str)]) -> Job {
         output_bytes: 0,
         demand: Default::default(),
         pool: None,
+        trace: None,
     }
 }
 
@@ -88,7 +89,8 @@ pub async fn round_trip(store: Arc<dyn Store>) {
     assert_eq!(many, vec![j]);
 }
 
-/// A job's demand (pools, resources, selector) and the pool of its attempt survive the store.
+/// A job's demand (pools, resources, selector), trace context and the pool of its attempt
+/// survive the store.
 pub async fn demand_and_pool_round_trip(store: Arc<dyn Store>) {
     let mut j = job("llm", &[]);
     j.demand = Arc::new(Demand {
@@ -110,6 +112,10 @@ pub async fn demand_and_pool_round_trip(store: Arc<dyn Store>) {
         },
         selector: [("gpu".to_string(), "a100".to_string())].into(),
     });
+    j.trace = Some(Arc::new(TraceContext {
+        traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        tracestate: "vendor=1".into(),
+    }));
     store
         .apply(&[Write::InsertJob(Arc::new(j.clone()))])
         .await
