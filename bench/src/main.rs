@@ -14,7 +14,14 @@
 //! 4. pools: a job holding a pool's only unit ends → the waiting job's handler starts;
 //!    throughput and utilisation of a pool of 8 units with 1,000 waiting jobs; the scheduler's
 //!    own cost per decision with 100,000 waiting jobs across 100 pools (no network).
+//!
+//! With `--trace-export` everything is traced and exported over OTLP/gRPC, as in production with
+//! the default sampler: the in-process service (RPC spans, every job's lifecycle spans) and the
+//! SDK's client and worker spans go through one batch exporter, configured by the standard
+//! variables, to a receiver in this process that decodes and counts them. Compare a run with
+//! and without it for the cost of tracing.
 
+mod otlp;
 mod pools;
 
 use std::collections::HashMap;
@@ -72,6 +79,10 @@ struct Args {
     /// Waiting jobs of the scheduler decision-cost phase (spread over 100 pools).
     #[arg(long, default_value_t = 100_000)]
     sched_jobs: usize,
+    /// Trace everything and export it over OTLP to a receiver started in this process
+    /// (in-process service only).
+    #[arg(long)]
+    trace_export: bool,
 }
 
 #[derive(Default)]
@@ -214,9 +225,58 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The receiver's port is chosen before any thread exists, so that the standard variable
+    // can name it: the exporter is configured exactly as a deployment's would be.
+    let receiver = if args.trace_export {
+        anyhow::ensure!(
+            args.addr.is_none(),
+            "--trace-export needs the in-process service"
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        std::env::set_var(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://{}", listener.local_addr()?),
+        );
+        std::env::remove_var("OTEL_SDK_DISABLED");
+        Some((otlp::Receiver::default(), listener))
+    } else {
+        None
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args, receiver))
+}
+
+async fn run(
+    args: Args,
+    receiver: Option<(otlp::Receiver, std::net::TcpListener)>,
+) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+
+    let receiver = match receiver {
+        Some((r, listener)) => {
+            r.serve(listener)?;
+            Some(r)
+        }
+        None => None,
+    };
+    let telemetry = match &receiver {
+        Some(_) => {
+            let (telemetry, layer) = jobplane_server::telemetry::Telemetry::from_env()
+                .map_err(anyhow::Error::msg)?
+                .context("trace export is configured")?;
+            tracing_subscriber::registry()
+                .with(layer.with_filter(tracing_subscriber::filter::LevelFilter::INFO))
+                .init();
+            Some(telemetry)
+        }
+        None => None,
+    };
     let dir = tempfile::tempdir()?;
     // Either a service in this process on a temp database, or one already running elsewhere
     // (`--addr`), e.g. to keep the service and the load generator in separate processes.
@@ -235,7 +295,10 @@ async fn main() -> anyhow::Result<()> {
             let task = tokio::spawn(jobplane_server::run(
                 listener,
                 store,
-                jobplane_server::EngineConfig::default(),
+                jobplane_server::EngineConfig {
+                    job_spans: args.trace_export,
+                    ..Default::default()
+                },
                 async {
                     let _ = stop_rx.await;
                 },
@@ -352,6 +415,12 @@ async fn main() -> anyhow::Result<()> {
         let _ = stop_tx.send(());
         task.await??;
     }
+    let mut spans_exported = 0;
+    if let (Some(t), Some(r)) = (telemetry, &receiver) {
+        t.shutdown().await;
+        spans_exported = r.spans();
+        eprintln!("trace export: {spans_exported} spans received");
+    }
     let out = serde_json::json!({
         "jobs": args.jobs,
         "workers": args.workers,
@@ -374,6 +443,8 @@ async fn main() -> anyhow::Result<()> {
         "pool_handover_p99_ms": ms(&pool_gaps, 0.99),
         "sched_enqueue_us": (enqueue_us * 100.0).round() / 100.0,
         "sched_decision_us": (decide_us * 100.0).round() / 100.0,
+        "trace_export": args.trace_export,
+        "spans_exported": spans_exported,
     });
     println!("{out}");
     Ok(())
