@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::outbox::Outbox;
 use super::{AttemptKey, HandlerError};
 use crate::convert;
+use crate::trace::TraceContext;
 use crate::types::OutputStream;
 
 /// Output chunks are at most this big on the wire; longer output is split.
@@ -32,7 +33,7 @@ struct Inner {
     labels: BTreeMap<String, String>,
     priority: i32,
     run_timeout: Option<Duration>,
-    traceparent: Option<String>,
+    trace: Option<TraceContext>,
     pool: Option<String>,
     worker_id: Arc<str>,
     token: CancellationToken,
@@ -66,7 +67,7 @@ impl JobContext {
                 labels: assignment.labels.into_iter().collect(),
                 priority: assignment.priority,
                 run_timeout: convert::duration_from_pb(assignment.run_timeout),
-                traceparent: (!assignment.traceparent.is_empty()).then_some(assignment.traceparent),
+                trace: TraceContext::from_parts(&assignment.traceparent, &assignment.tracestate),
                 pool: (!assignment.pool.is_empty()).then_some(assignment.pool),
                 worker_id,
                 token,
@@ -142,9 +143,20 @@ impl JobContext {
             .await;
     }
 
-    /// The submitter's W3C `traceparent`, if any.
+    /// The attempt's W3C `traceparent` as the service sent it (`Assignment.traceparent`): the
+    /// context of the service's `dispatch {queue}` span for this attempt, in the job's trace;
+    /// `None` when the job has no trace context. The worker's `process {queue}` span, in which
+    /// the handler runs, is its child.
     pub fn traceparent(&self) -> Option<&str> {
-        self.inner.traceparent.as_deref()
+        self.inner.trace.as_ref().map(|t| t.traceparent.as_str())
+    }
+
+    /// The W3C `tracestate` going with [`JobContext::traceparent`], if any.
+    pub fn tracestate(&self) -> Option<&str> {
+        self.inner
+            .trace
+            .as_ref()
+            .and_then(|t| t.tracestate.as_deref())
     }
 
     /// The id of the worker running the attempt.
