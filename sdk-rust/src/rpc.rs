@@ -201,4 +201,129 @@ mod tests {
             .await;
         assert_eq!(sent(&req), (Some(other), None));
     }
+
+    /// The W3C context a request carries.
+    fn carried(req: &tonic::Request<()>) -> opentelemetry::trace::SpanContext {
+        let (tp, ts) = sent(req);
+        TraceContext::new(tp.expect("traceparent"))
+            .with_tracestate(ts.unwrap_or_default())
+            .to_otel()
+            .span()
+            .span_context()
+            .clone()
+    }
+
+    #[test]
+    fn the_client_span_is_a_child_of_the_current_span_and_is_what_is_sent() {
+        use opentelemetry::trace::{SpanKind, Status};
+        let (_guard, finished) = crate::trace::testing::install(true);
+        let req = {
+            let user = tracing::info_span!("user");
+            let _entered = user.enter();
+            let server = ServerAddr {
+                host: "db.example".into(),
+                port: Some(7741),
+            };
+            let span = span(JOB_SERVICE, "GetJob", Some(&server));
+            on_job(&span, "j1");
+            let req = request(&span, (), None).unwrap();
+            ended(&span, Code::NotFound);
+            req
+        };
+        let user = finished.one("user").span_context;
+        let sent = carried(&req);
+        let client = finished.one("jobplane.v1.JobService/GetJob");
+        assert_eq!(sent.trace_id(), user.trace_id());
+        assert_eq!(sent.span_id(), client.span_context.span_id());
+        assert_eq!(client.parent_span_id, user.span_id());
+        assert_eq!(client.span_kind, SpanKind::Client);
+        let attr = |k| crate::trace::testing::attr(&client, k).map(|v| v.to_string());
+        assert_eq!(attr("rpc.system").as_deref(), Some("grpc"));
+        assert_eq!(attr("rpc.service").as_deref(), Some(JOB_SERVICE));
+        assert_eq!(attr("rpc.method").as_deref(), Some("GetJob"));
+        assert_eq!(attr("server.address").as_deref(), Some("db.example"));
+        assert_eq!(attr("server.port").as_deref(), Some("7741"));
+        assert_eq!(attr("jobplane.job_id").as_deref(), Some("j1"));
+        assert_eq!(attr("messaging.message.id").as_deref(), Some("j1"));
+        assert_eq!(attr("rpc.grpc.status_code").as_deref(), Some("5"));
+        assert!(
+            matches!(client.status, Status::Error { .. }),
+            "{:?}",
+            client.status
+        );
+    }
+
+    #[tokio::test]
+    async fn an_explicit_or_scoped_context_is_the_client_spans_parent() {
+        let (_guard, finished) = crate::trace::testing::install(true);
+        let explicit = TraceContext::new(TP).with_tracestate("k=v");
+        let parent = explicit.to_otel().span().span_context().clone();
+        let user = tracing::info_span!("user");
+        // Explicit (a spec's) context, inside a user span it overrides.
+        let span_a = user.in_scope(|| span(JOB_SERVICE, "SubmitJob", None));
+        on_queue(&span_a, "thumbnails");
+        let req = request(&span_a, (), Some(explicit.clone())).unwrap();
+        ended(&span_a, Code::Ok);
+        drop(span_a);
+        // Scoped context.
+        let req_b = explicit
+            .clone()
+            .scope(async {
+                let span = span(JOB_SERVICE, "WaitJob", None);
+                request(&span, (), None).unwrap()
+            })
+            .await;
+        let submit = finished.one("jobplane.v1.JobService/SubmitJob");
+        let wait = finished.one("jobplane.v1.JobService/WaitJob");
+        for (client, req) in [(&submit, &req), (&wait, &req_b)] {
+            assert_eq!(client.span_context.trace_id(), parent.trace_id());
+            assert_eq!(client.parent_span_id, parent.span_id());
+            assert!(client.parent_span_is_remote);
+            let sent = carried(req);
+            assert_eq!(sent.span_id(), client.span_context.span_id());
+            assert_eq!(sent.trace_id(), parent.trace_id());
+            assert_eq!(sent.trace_state().header(), "k=v");
+        }
+        let attr = |k| crate::trace::testing::attr(&submit, k).map(|v| v.to_string());
+        assert_eq!(attr("jobplane.queue").as_deref(), Some("thumbnails"));
+        assert_eq!(
+            attr("messaging.destination.name").as_deref(),
+            Some("thumbnails")
+        );
+        assert_eq!(attr("rpc.grpc.status_code").as_deref(), Some("0"));
+        assert_eq!(submit.status, opentelemetry::trace::Status::Unset);
+    }
+
+    #[test]
+    fn a_layer_without_rpc_spans_still_propagates_the_current_span() {
+        let (_guard, finished) = crate::trace::testing::install(false);
+        let user = tracing::info_span!("user");
+        let req = user.in_scope(|| request(&span(JOB_SERVICE, "GetJob", None), (), None).unwrap());
+        drop(user);
+        let user = finished.one("user");
+        let sent = carried(&req);
+        assert_eq!(sent.trace_id(), user.span_context.trace_id());
+        assert_eq!(sent.span_id(), user.span_context.span_id());
+    }
+
+    #[test]
+    fn a_wait_links_to_the_jobs_trace() {
+        let (_guard, finished) = crate::trace::testing::install(true);
+        let span = span(JOB_SERVICE, "WaitJob", None);
+        let _req = request(&span, (), None).unwrap();
+        link_job(&span, Some(TP), Some("k=v"));
+        link_job(&span, None, None);
+        link_job(&span, Some("garbage"), None);
+        drop(span);
+        let wait = finished.one("jobplane.v1.JobService/WaitJob");
+        let links: Vec<_> = wait.links.iter().map(|l| l.span_context.clone()).collect();
+        let job = TraceContext::new(TP)
+            .to_otel()
+            .span()
+            .span_context()
+            .clone();
+        assert_eq!(links.len(), 1, "{links:?}");
+        assert_eq!(links[0].trace_id(), job.trace_id());
+        assert_eq!(links[0].span_id(), job.span_id());
+    }
 }

@@ -243,3 +243,67 @@ mod tests {
         assert_eq!(TraceContext::of_span(&tracing::info_span!("x")), None);
     }
 }
+
+/// A subscriber with an OpenTelemetry layer whose finished spans the tests can read.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry::Value;
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    /// Spans exported so far (a span is exported when it closes).
+    #[derive(Clone, Debug, Default)]
+    pub(crate) struct Finished(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanExporter for Finished {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            self.0.lock().unwrap().extend(batch);
+            Ok(())
+        }
+    }
+
+    impl Finished {
+        /// The finished spans named `name`.
+        pub(crate) fn named(&self, name: &str) -> Vec<SpanData> {
+            let spans = self.0.lock().unwrap().clone();
+            spans.into_iter().filter(|s| s.name == name).collect()
+        }
+
+        /// The finished span named `name`; panics unless there is exactly one.
+        pub(crate) fn one(&self, name: &str) -> SpanData {
+            let mut found = self.named(name);
+            assert_eq!(found.len(), 1, "spans named {name}");
+            found.remove(0)
+        }
+    }
+
+    /// A span's attribute.
+    pub(crate) fn attr(span: &SpanData, key: &str) -> Option<Value> {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.clone())
+    }
+
+    /// Sets, for the current thread until the guard drops, a subscriber whose OpenTelemetry
+    /// layer exports every span synchronously to the returned [`Finished`]; with
+    /// `rpc_spans: false` the layer leaves out the SDK's RPC spans.
+    pub(crate) fn install(rpc_spans: bool) -> (tracing::subscriber::DefaultGuard, Finished) {
+        use tracing_subscriber::Layer as _;
+        let finished = Finished::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(finished.clone())
+            .build();
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("test"))
+            .with_filter(tracing_subscriber::filter::filter_fn(move |meta| {
+                rpc_spans || meta.target() != super::RPC_TARGET
+            }));
+        let guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+        (guard, finished)
+    }
+}

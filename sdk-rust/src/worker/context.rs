@@ -8,6 +8,7 @@ use bytes::Bytes;
 use jobplane_proto::pb;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
+use tracing::Span;
 
 use super::outbox::Outbox;
 use super::{AttemptKey, HandlerError};
@@ -39,6 +40,7 @@ struct Inner {
     token: CancellationToken,
     cancel_reason: OnceLock<String>,
     outbox: Arc<Outbox>,
+    span: Span,
 }
 
 impl std::fmt::Debug for JobContext {
@@ -57,6 +59,7 @@ impl JobContext {
         worker_id: Arc<str>,
         token: CancellationToken,
         outbox: Arc<Outbox>,
+        span: Span,
     ) -> Self {
         let key = AttemptKey::new(&assignment.job_id, assignment.attempt);
         JobContext {
@@ -73,6 +76,7 @@ impl JobContext {
                 token,
                 cancel_reason: OnceLock::new(),
                 outbox,
+                span,
             }),
         }
     }
@@ -157,6 +161,22 @@ impl JobContext {
             .trace
             .as_ref()
             .and_then(|t| t.tracestate.as_deref())
+    }
+
+    /// The `process {queue}` span the handler runs in (target `jobplane::worker`): `tracing`
+    /// spans and events of the handler's future nest under it on their own; work the handler
+    /// moves to other tasks or threads can enter it or make it their parent.
+    pub fn span(&self) -> &Span {
+        &self.inner.span
+    }
+
+    /// The trace context the handler's work continues, in W3C form: that of the handler's
+    /// span when an OpenTelemetry layer is installed, else the attempt's context from the
+    /// service ([`JobContext::traceparent`]). Code without `tracing` spans (a binding, a
+    /// subprocess given `TRACEPARENT`) joins the trace through it; SDK calls made inside the
+    /// handler's future already do.
+    pub fn trace_context(&self) -> Option<TraceContext> {
+        TraceContext::of_span(&self.inner.span).or_else(|| self.inner.trace.clone())
     }
 
     /// The id of the worker running the attempt.
