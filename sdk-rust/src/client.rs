@@ -13,9 +13,12 @@ use jobplane_proto::pb::admin_service_client::AdminServiceClient;
 use jobplane_proto::pb::job_service_client::JobServiceClient;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument as _;
 
 use crate::convert;
 use crate::error::{is_transport_failure, Error, Result};
+use crate::rpc::{self, ServerAddr, ADMIN_SERVICE, JOB_SERVICE};
+use crate::trace::TraceContext;
 use crate::types::{
     CancelResult, Job, JobEvent, JobPage, JobSpec, ListFilter, QueueConfig, QueueInfo, Submitted,
     WaitManyResult, WaitMode, WaitOptions, WaitResult, WorkerInfo,
@@ -63,6 +66,9 @@ const WATCH_MAX_RESUMES: u32 = 8;
 pub struct Client {
     channel: Channel,
     namespace: Arc<str>,
+    /// The one address connected to, for the spans' `server.address`; `None` for several
+    /// addresses or a channel made elsewhere.
+    server: Option<Arc<ServerAddr>>,
 }
 
 /// Normalises an address: `host:port` gets an `http://` scheme.
@@ -86,6 +92,15 @@ pub(crate) fn endpoint(addr: &str) -> Result<Endpoint> {
         .keep_alive_while_idle(true))
 }
 
+/// `server.address` and `server.port` of an endpoint.
+fn server_addr(endpoint: &Endpoint) -> Option<Arc<ServerAddr>> {
+    let uri = endpoint.uri();
+    Some(Arc::new(ServerAddr {
+        host: uri.host()?.trim_matches(['[', ']']).to_owned(),
+        port: uri.port_u16(),
+    }))
+}
+
 /// Parses `addr`, which may list several addresses separated by commas.
 fn endpoints(addr: &str) -> Result<Vec<Endpoint>> {
     let endpoints: Vec<Endpoint> = addr
@@ -105,25 +120,36 @@ impl Client {
     /// too). Several addresses separated by commas are balanced over.
     pub async fn connect(addr: impl Into<String>) -> Result<Client> {
         let mut endpoints = endpoints(&addr.into())?;
-        let channel = if endpoints.len() == 1 {
-            endpoints.remove(0).connect().await?
-        } else {
-            // Several instances: the channel balances over them and skips unreachable ones.
-            Channel::balance_list(endpoints.into_iter())
-        };
-        Ok(Client::from_channel(channel))
+        if endpoints.len() == 1 {
+            let endpoint = endpoints.remove(0);
+            let server = server_addr(&endpoint);
+            let channel = endpoint.connect().await?;
+            return Ok(Client {
+                server,
+                ..Client::from_channel(channel)
+            });
+        }
+        // Several instances: the channel balances over them and skips unreachable ones.
+        Ok(Client::from_channel(Channel::balance_list(
+            endpoints.into_iter(),
+        )))
     }
 
     /// Like [`Client::connect`], but connects on first use instead of now; must be called within
     /// a Tokio runtime.
     pub fn connect_lazy(addr: impl Into<String>) -> Result<Client> {
         let mut endpoints = endpoints(&addr.into())?;
-        let channel = if endpoints.len() == 1 {
-            endpoints.remove(0).connect_lazy()
-        } else {
-            Channel::balance_list(endpoints.into_iter())
-        };
-        Ok(Client::from_channel(channel))
+        if endpoints.len() == 1 {
+            let endpoint = endpoints.remove(0);
+            let server = server_addr(&endpoint);
+            return Ok(Client {
+                server,
+                ..Client::from_channel(endpoint.connect_lazy())
+            });
+        }
+        Ok(Client::from_channel(Channel::balance_list(
+            endpoints.into_iter(),
+        )))
     }
 
     /// Connects to the address in `JOBPLANE_ADDR`, or to `http://127.0.0.1:7741`.
@@ -137,6 +163,7 @@ impl Client {
         Client {
             channel,
             namespace: Arc::from(DEFAULT_NAMESPACE),
+            server: None,
         }
     }
 
@@ -145,6 +172,7 @@ impl Client {
         Client {
             channel: self.channel.clone(),
             namespace: Arc::from(namespace.into()),
+            server: self.server.clone(),
         }
     }
 
@@ -166,38 +194,69 @@ impl Client {
         AdminServiceClient::new(self.channel.clone())
     }
 
+    /// The client span of one call of the job API (see [`crate::trace`]).
+    pub(crate) fn job_span(&self, method: &'static str) -> tracing::Span {
+        rpc::span(JOB_SERVICE, method, self.server.as_deref())
+    }
+
+    /// The client span of one call of the admin API.
+    pub(crate) fn admin_span(&self, method: &'static str) -> tracing::Span {
+        rpc::span(ADMIN_SERVICE, method, self.server.as_deref())
+    }
+
     /// Submits one job. Returns once it is committed; `created` is false when its idempotency key
     /// matched an existing job with the same spec.
+    ///
+    /// The job's trace continues this call's: the spec's own
+    /// [`traceparent`](JobSpec::traceparent) if it has one, else the task's scoped
+    /// [`TraceContext`], else the current span (see [`crate::trace`]).
     pub async fn submit(&self, spec: JobSpec) -> Result<Submitted> {
-        let traceparent = spec.traceparent.clone();
-        let req = with_traceparent(
+        let span = self.job_span("SubmitJob");
+        rpc::on_queue(&span, &spec.queue);
+        let explicit = spec.explicit_trace();
+        let req = rpc::request(
+            &span,
             pb::SubmitJobRequest {
                 spec: Some(convert::spec_to_pb(spec, &self.namespace)),
             },
-            traceparent.as_deref(),
+            explicit,
         )?;
-        let resp = self.jobs().submit_job(req).await?.into_inner();
-        convert::submitted_from_pb(resp)
+        let resp = rpc::traced(&span, self.jobs().submit_job(req))
+            .await?
+            .into_inner();
+        let submitted = convert::submitted_from_pb(resp)?;
+        rpc::on_job(&span, &submitted.job.id);
+        Ok(submitted)
     }
 
     /// Submits many jobs in one transaction: all are accepted or none. Results are in order.
     ///
-    /// The batch is one call, so it carries one trace context: the first spec's `traceparent`.
+    /// The batch is one call with one client span, so it carries one trace context and all its
+    /// jobs share one trace: the context of the first spec that has a
+    /// [`traceparent`](JobSpec::traceparent), else the task's scoped [`TraceContext`], else the
+    /// current span, as for [`Client::submit`].
     pub async fn submit_batch(&self, specs: Vec<JobSpec>) -> Result<Vec<Submitted>> {
         if specs.is_empty() {
             return Ok(Vec::new());
         }
-        let traceparent = specs.iter().find_map(|s| s.traceparent.clone());
-        let req = with_traceparent(
+        let span = self.job_span("SubmitJobs");
+        if specs.iter().all(|s| s.queue == specs[0].queue) {
+            rpc::on_queue(&span, &specs[0].queue);
+        }
+        let explicit = specs.iter().find_map(JobSpec::explicit_trace);
+        let req = rpc::request(
+            &span,
             pb::SubmitJobsRequest {
                 specs: specs
                     .into_iter()
                     .map(|s| convert::spec_to_pb(s, &self.namespace))
                     .collect(),
             },
-            traceparent.as_deref(),
+            explicit,
         )?;
-        let resp = self.jobs().submit_jobs(req).await?.into_inner();
+        let resp = rpc::traced(&span, self.jobs().submit_jobs(req))
+            .await?
+            .into_inner();
         resp.results
             .into_iter()
             .map(convert::submitted_from_pb)
@@ -206,18 +265,36 @@ impl Client {
 
     /// Returns a job's committed snapshot.
     pub async fn get(&self, id: &str) -> Result<Job> {
-        let req = pb::GetJobRequest {
-            namespace: self.namespace.to_string(),
-            id: id.to_owned(),
-        };
-        let resp = self.jobs().get_job(req).await?.into_inner();
+        let span = self.job_span("GetJob");
+        rpc::on_job(&span, id);
+        let req = rpc::request(
+            &span,
+            pb::GetJobRequest {
+                namespace: self.namespace.to_string(),
+                id: id.to_owned(),
+            },
+            None,
+        )?;
+        let resp = rpc::traced(&span, self.jobs().get_job(req))
+            .await?
+            .into_inner();
         convert::job_from_pb(resp.job.ok_or_else(|| Error::missing("job"))?)
     }
 
     /// Lists jobs, newest first, one page at a time.
     pub async fn list(&self, filter: ListFilter) -> Result<JobPage> {
-        let req = convert::list_filter_to_pb(filter, &self.namespace);
-        let resp = self.jobs().list_jobs(req).await?.into_inner();
+        let span = self.job_span("ListJobs");
+        if let Some(queue) = &filter.queue {
+            rpc::on_queue(&span, queue);
+        }
+        let req = rpc::request(
+            &span,
+            convert::list_filter_to_pb(filter, &self.namespace),
+            None,
+        )?;
+        let resp = rpc::traced(&span, self.jobs().list_jobs(req))
+            .await?
+            .into_inner();
         convert::page_from_pb(resp)
     }
 
@@ -228,6 +305,10 @@ impl Client {
     /// snapshot. So is a job that ended in a state that is not a target: the wait returns at
     /// once. The service bounds one wait (1h); a longer timeout is waited out in several calls,
     /// and one too large to represent (such as [`Duration::MAX`]) waits without a limit.
+    ///
+    /// Each call's client span links to the job's trace (the job's
+    /// [`traceparent`](Job::traceparent) in the answer), so a trace backend leads from the
+    /// waiter to the job.
     pub async fn wait(&self, id: &str, options: impl Into<WaitOptions>) -> Result<WaitResult> {
         let options = options.into();
         let target_states: Vec<i32> = options
@@ -236,16 +317,30 @@ impl Client {
             .map(|s| convert::state_to_pb(*s) as i32)
             .collect();
         wait_in_rounds(options.timeout, SERVICE_MAX_WAIT, |timeout| {
-            let mut req = tonic::Request::new(pb::WaitJobRequest {
-                namespace: self.namespace.to_string(),
-                id: id.to_owned(),
-                target_states: target_states.clone(),
-                timeout: timeout.map(convert::duration_to_pb),
-            });
-            req.set_timeout(timeout.unwrap_or(DEFAULT_WAIT) + WAIT_DEADLINE_MARGIN);
+            let span = self.job_span("WaitJob");
+            rpc::on_job(&span, id);
+            let req = rpc::request(
+                &span,
+                pb::WaitJobRequest {
+                    namespace: self.namespace.to_string(),
+                    id: id.to_owned(),
+                    target_states: target_states.clone(),
+                    timeout: timeout.map(convert::duration_to_pb),
+                },
+                None,
+            );
             async move {
-                let resp = self.jobs().wait_job(req).await?.into_inner();
+                let mut req = req?;
+                req.set_timeout(timeout.unwrap_or(DEFAULT_WAIT) + WAIT_DEADLINE_MARGIN);
+                let resp = rpc::traced(&span, self.jobs().wait_job(req))
+                    .await?
+                    .into_inner();
                 let result = convert::wait_from_pb(resp)?;
+                rpc::link_job(
+                    &span,
+                    result.job.traceparent.as_deref(),
+                    result.job.tracestate.as_deref(),
+                );
                 // A terminal job that is not in a target state never will be.
                 let settled = result.reached || result.job.is_terminal();
                 Ok((result, settled))
@@ -256,7 +351,7 @@ impl Client {
 
     /// Waits for several jobs: until all of them ([`WaitMode::All`]) or any of them
     /// ([`WaitMode::Any`]) reached a target state, or the timeout passes (long timeouts as in
-    /// [`Client::wait`]).
+    /// [`Client::wait`]). Each call's client span links to the traces of the jobs.
     pub async fn wait_many<I, S>(
         &self,
         ids: I,
@@ -275,17 +370,32 @@ impl Client {
             .map(|s| convert::state_to_pb(*s) as i32)
             .collect();
         wait_in_rounds(options.timeout, SERVICE_MAX_WAIT, |timeout| {
-            let mut req = tonic::Request::new(pb::WaitJobsRequest {
-                namespace: self.namespace.to_string(),
-                ids: ids.clone(),
-                target_states: target_states.clone(),
-                timeout: timeout.map(convert::duration_to_pb),
-                mode: convert::wait_mode_to_pb(mode) as i32,
-            });
-            req.set_timeout(timeout.unwrap_or(DEFAULT_WAIT) + WAIT_DEADLINE_MARGIN);
+            let span = self.job_span("WaitJobs");
+            let req = rpc::request(
+                &span,
+                pb::WaitJobsRequest {
+                    namespace: self.namespace.to_string(),
+                    ids: ids.clone(),
+                    target_states: target_states.clone(),
+                    timeout: timeout.map(convert::duration_to_pb),
+                    mode: convert::wait_mode_to_pb(mode) as i32,
+                },
+                None,
+            );
             async move {
-                let resp = self.jobs().wait_jobs(req).await?.into_inner();
+                let mut req = req?;
+                req.set_timeout(timeout.unwrap_or(DEFAULT_WAIT) + WAIT_DEADLINE_MARGIN);
+                let resp = rpc::traced(&span, self.jobs().wait_jobs(req))
+                    .await?
+                    .into_inner();
                 let result = convert::wait_many_from_pb(resp)?;
+                for r in &result.results {
+                    rpc::link_job(
+                        &span,
+                        r.job.traceparent.as_deref(),
+                        r.job.tracestate.as_deref(),
+                    );
+                }
                 let settled = result.reached || hopeless(&result, mode);
                 Ok((result, settled))
             }
@@ -306,13 +416,21 @@ impl Client {
         grace: Option<Duration>,
         reason: &str,
     ) -> Result<CancelResult> {
-        let req = pb::CancelJobRequest {
-            namespace: self.namespace.to_string(),
-            id: id.to_owned(),
-            grace: grace.map(convert::duration_to_pb),
-            reason: reason.to_owned(),
-        };
-        let resp = self.jobs().cancel_job(req).await?.into_inner();
+        let span = self.job_span("CancelJob");
+        rpc::on_job(&span, id);
+        let req = rpc::request(
+            &span,
+            pb::CancelJobRequest {
+                namespace: self.namespace.to_string(),
+                id: id.to_owned(),
+                grace: grace.map(convert::duration_to_pb),
+                reason: reason.to_owned(),
+            },
+            None,
+        )?;
+        let resp = rpc::traced(&span, self.jobs().cancel_job(req))
+            .await?
+            .into_inner();
         convert::cancel_from_pb(resp)
     }
 
@@ -332,22 +450,41 @@ impl Client {
     /// }
     /// # Ok(()) }
     /// ```
+    ///
+    /// Each `WatchJob` call has its own client span, in the span (and the scoped
+    /// [`TraceContext`]) current when `watch` is called; it lasts until its stream ends.
     pub fn watch(&self, id: &str, from_seq: u64) -> EventStream {
         let client = self.clone();
         let id = id.to_owned();
+        let parent = tracing::Span::current();
+        let scoped = TraceContext::scoped();
         let stream = async_stream::stream! {
             let mut last_seq = from_seq;
             let mut failures = 0u32;
             'resume: loop {
-                let req = pb::WatchJobRequest {
-                    namespace: client.namespace.to_string(),
-                    id: id.clone(),
-                    from_seq: last_seq,
+                let span = parent.in_scope(|| client.job_span("WatchJob"));
+                rpc::on_job(&span, &id);
+                let req = rpc::request(
+                    &span,
+                    pb::WatchJobRequest {
+                        namespace: client.namespace.to_string(),
+                        id: id.clone(),
+                        from_seq: last_seq,
+                    },
+                    scoped.clone(),
+                );
+                let req = match req {
+                    Ok(req) => req,
+                    Err(err) => {
+                        yield Err(err);
+                        return;
+                    }
                 };
-                let opened = client.jobs().watch_job(req).await;
+                let opened = client.jobs().watch_job(req).instrument(span.clone()).await;
                 let mut inner = match opened {
                     Ok(resp) => resp.into_inner(),
                     Err(status) => {
+                        rpc::ended(&span, status.code());
                         if is_transport_failure(&status) && failures < WATCH_MAX_RESUMES {
                             failures += 1;
                             tokio::time::sleep(resume_backoff(failures)).await;
@@ -375,6 +512,7 @@ impl Client {
                                     let terminal = event.is_terminal();
                                     yield Ok(event);
                                     if terminal {
+                                        rpc::ended(&span, tonic::Code::Ok);
                                         return;
                                     }
                                 }
@@ -386,8 +524,12 @@ impl Client {
                         }
                         // The service ended the stream: after the terminal event, or because
                         // there is nothing after `from_seq` of a finished job.
-                        Ok(None) => return,
+                        Ok(None) => {
+                            rpc::ended(&span, tonic::Code::Ok);
+                            return;
+                        }
                         Err(status) => {
+                            rpc::ended(&span, status.code());
                             if is_transport_failure(&status) && failures < WATCH_MAX_RESUMES {
                                 failures += 1;
                                 tracing::debug!(job_id = %id, last_seq, %status, "watch stream broke; resuming");
@@ -408,12 +550,20 @@ impl Client {
 
     /// Creates or updates a queue's settings (the whole settings are replaced).
     pub async fn configure_queue(&self, name: &str, config: QueueConfig) -> Result<QueueInfo> {
-        let req = pb::ConfigureQueueRequest {
-            namespace: self.namespace.to_string(),
-            name: name.to_owned(),
-            config: Some(convert::queue_config_to_pb(&config)),
-        };
-        let resp = self.admin().configure_queue(req).await?.into_inner();
+        let span = self.admin_span("ConfigureQueue");
+        rpc::on_queue(&span, name);
+        let req = rpc::request(
+            &span,
+            pb::ConfigureQueueRequest {
+                namespace: self.namespace.to_string(),
+                name: name.to_owned(),
+                config: Some(convert::queue_config_to_pb(&config)),
+            },
+            None,
+        )?;
+        let resp = rpc::traced(&span, self.admin().configure_queue(req))
+            .await?
+            .into_inner();
         Ok(convert::queue_from_pb(
             resp.queue.ok_or_else(|| Error::missing("queue"))?,
         ))
@@ -421,10 +571,17 @@ impl Client {
 
     /// Lists the namespace's queues, by name.
     pub async fn list_queues(&self) -> Result<Vec<QueueInfo>> {
-        let req = pb::ListQueuesRequest {
-            namespace: self.namespace.to_string(),
-        };
-        let resp = self.admin().list_queues(req).await?.into_inner();
+        let span = self.admin_span("ListQueues");
+        let req = rpc::request(
+            &span,
+            pb::ListQueuesRequest {
+                namespace: self.namespace.to_string(),
+            },
+            None,
+        )?;
+        let resp = rpc::traced(&span, self.admin().list_queues(req))
+            .await?
+            .into_inner();
         Ok(resp
             .queues
             .into_iter()
@@ -434,10 +591,17 @@ impl Client {
 
     /// Lists the namespace's workers.
     pub async fn list_workers(&self) -> Result<Vec<WorkerInfo>> {
-        let req = pb::ListWorkersRequest {
-            namespace: self.namespace.to_string(),
-        };
-        let resp = self.admin().list_workers(req).await?.into_inner();
+        let span = self.admin_span("ListWorkers");
+        let req = rpc::request(
+            &span,
+            pb::ListWorkersRequest {
+                namespace: self.namespace.to_string(),
+            },
+            None,
+        )?;
+        let resp = rpc::traced(&span, self.admin().list_workers(req))
+            .await?
+            .into_inner();
         Ok(resp
             .workers
             .into_iter()
@@ -447,11 +611,18 @@ impl Client {
 
     /// Drains a worker: it gets no new assignments and its in-flight work finishes.
     pub async fn drain_worker(&self, id: &str) -> Result<WorkerInfo> {
-        let req = pb::DrainWorkerRequest {
-            namespace: self.namespace.to_string(),
-            id: id.to_owned(),
-        };
-        let resp = self.admin().drain_worker(req).await?.into_inner();
+        let span = self.admin_span("DrainWorker");
+        let req = rpc::request(
+            &span,
+            pb::DrainWorkerRequest {
+                namespace: self.namespace.to_string(),
+                id: id.to_owned(),
+            },
+            None,
+        )?;
+        let resp = rpc::traced(&span, self.admin().drain_worker(req))
+            .await?
+            .into_inner();
         Ok(convert::worker_from_pb(
             resp.worker.ok_or_else(|| Error::missing("worker"))?,
         ))
@@ -501,18 +672,6 @@ where
     }
 }
 
-/// Wraps a message in a request carrying `traceparent` metadata, if any.
-fn with_traceparent<T>(message: T, traceparent: Option<&str>) -> Result<tonic::Request<T>> {
-    let mut req = tonic::Request::new(message);
-    if let Some(tp) = traceparent {
-        let value = tp
-            .parse()
-            .map_err(|_| Error::InvalidConfig(format!("invalid traceparent `{tp}`")))?;
-        req.metadata_mut().insert("traceparent", value);
-    }
-    Ok(req)
-}
-
 /// Back-off before resuming a broken watch: 50ms doubling per failure, capped at 2s, jittered.
 fn resume_backoff(failures: u32) -> Duration {
     crate::backoff::jittered(
@@ -545,17 +704,48 @@ impl Stream for EventStream {
 mod tests {
     use super::*;
 
+    /// A spec's request as `Client::submit` builds it, with no OpenTelemetry layer installed.
+    fn submit_request(spec: &JobSpec) -> Result<tonic::Request<()>> {
+        rpc::request(
+            &rpc::span(JOB_SERVICE, "SubmitJob", None),
+            (),
+            spec.explicit_trace(),
+        )
+    }
+
     #[test]
     fn traceparent_travels_as_metadata() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let req = with_traceparent((), Some(tp)).unwrap();
+        let req = submit_request(&JobSpec::new("q").traceparent(tp)).unwrap();
         assert_eq!(req.metadata().get("traceparent").unwrap(), tp);
-        assert!(with_traceparent((), None)
+        assert!(req.metadata().get("tracestate").is_none());
+        let req = submit_request(&JobSpec::new("q").traceparent(tp).tracestate("k=v")).unwrap();
+        assert_eq!(req.metadata().get("tracestate").unwrap(), "k=v");
+        assert!(submit_request(&JobSpec::new("q"))
             .unwrap()
             .metadata()
             .get("traceparent")
             .is_none());
-        assert!(with_traceparent((), Some("bad\nvalue")).is_err());
+        assert!(submit_request(&JobSpec::new("q").traceparent("bad\nvalue")).is_err());
+    }
+
+    #[test]
+    fn one_address_names_the_server() {
+        let server = |a: &str| server_addr(&endpoint(a).unwrap()).map(|s| (*s).clone());
+        assert_eq!(
+            server("127.0.0.1:7741"),
+            Some(ServerAddr {
+                host: "127.0.0.1".into(),
+                port: Some(7741)
+            })
+        );
+        assert_eq!(
+            server("http://[::1]:80"),
+            Some(ServerAddr {
+                host: "::1".into(),
+                port: Some(80)
+            })
+        );
     }
 
     #[test]

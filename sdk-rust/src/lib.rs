@@ -83,6 +83,8 @@ mod backoff;
 mod client;
 mod convert;
 mod error;
+mod rpc;
+pub mod trace;
 mod types;
 pub mod worker;
 

@@ -203,8 +203,12 @@ pub struct JobSpec {
     /// Not before this time; `None` = now.
     pub scheduled_at: Option<SystemTime>,
     /// W3C `traceparent` of the submitter, sent as gRPC metadata so the job's trace continues
-    /// the caller's.
+    /// the caller's: with an OpenTelemetry layer installed, the submit's client span is its
+    /// child and the metadata names that span; without one it is sent as it is. `None`: the
+    /// task's scoped [`TraceContext`](crate::trace::TraceContext) or the current span.
     pub traceparent: Option<String>,
+    /// W3C `tracestate` going with [`JobSpec::traceparent`] (ignored without it).
+    pub tracestate: Option<String>,
     /// Capacity request: pools in fallback order.
     pub pools: Vec<PoolRequest>,
     /// Worker resources held while an attempt runs (zero = none).
@@ -228,6 +232,7 @@ impl JobSpec {
             retry_policy: None,
             scheduled_at: None,
             traceparent: None,
+            tracestate: None,
             pools: Vec::new(),
             resources: Resources::default(),
             selector: BTreeMap::new(),
@@ -304,6 +309,21 @@ impl JobSpec {
     pub fn traceparent(mut self, traceparent: impl Into<String>) -> Self {
         self.traceparent = Some(traceparent.into());
         self
+    }
+
+    /// Sets the W3C `tracestate` going with the [`JobSpec::traceparent`].
+    pub fn tracestate(mut self, tracestate: impl Into<String>) -> Self {
+        self.tracestate = Some(tracestate.into());
+        self
+    }
+
+    /// The explicit trace context of the submit, if the spec has one.
+    pub(crate) fn explicit_trace(&self) -> Option<crate::trace::TraceContext> {
+        let traceparent = self.traceparent.as_ref()?;
+        Some(
+            crate::trace::TraceContext::new(traceparent.clone())
+                .with_tracestate(self.tracestate.clone().unwrap_or_default()),
+        )
     }
 
     /// Adds a pool to the capacity request (repeatable: pools are tried in the order added).

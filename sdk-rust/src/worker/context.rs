@@ -8,10 +8,12 @@ use bytes::Bytes;
 use jobplane_proto::pb;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
+use tracing::Span;
 
 use super::outbox::Outbox;
 use super::{AttemptKey, HandlerError};
 use crate::convert;
+use crate::trace::TraceContext;
 use crate::types::OutputStream;
 
 /// Output chunks are at most this big on the wire; longer output is split.
@@ -32,12 +34,13 @@ struct Inner {
     labels: BTreeMap<String, String>,
     priority: i32,
     run_timeout: Option<Duration>,
-    traceparent: Option<String>,
+    trace: Option<TraceContext>,
     pool: Option<String>,
     worker_id: Arc<str>,
     token: CancellationToken,
     cancel_reason: OnceLock<String>,
     outbox: Arc<Outbox>,
+    span: Span,
 }
 
 impl std::fmt::Debug for JobContext {
@@ -56,6 +59,7 @@ impl JobContext {
         worker_id: Arc<str>,
         token: CancellationToken,
         outbox: Arc<Outbox>,
+        span: Span,
     ) -> Self {
         let key = AttemptKey::new(&assignment.job_id, assignment.attempt);
         JobContext {
@@ -66,12 +70,13 @@ impl JobContext {
                 labels: assignment.labels.into_iter().collect(),
                 priority: assignment.priority,
                 run_timeout: convert::duration_from_pb(assignment.run_timeout),
-                traceparent: (!assignment.traceparent.is_empty()).then_some(assignment.traceparent),
+                trace: TraceContext::from_parts(&assignment.traceparent, &assignment.tracestate),
                 pool: (!assignment.pool.is_empty()).then_some(assignment.pool),
                 worker_id,
                 token,
                 cancel_reason: OnceLock::new(),
                 outbox,
+                span,
             }),
         }
     }
@@ -142,9 +147,36 @@ impl JobContext {
             .await;
     }
 
-    /// The submitter's W3C `traceparent`, if any.
+    /// The attempt's W3C `traceparent` as the service sent it (`Assignment.traceparent`): the
+    /// context of the service's `dispatch {queue}` span for this attempt, in the job's trace;
+    /// `None` when the job has no trace context. The worker's `process {queue}` span, in which
+    /// the handler runs, is its child.
     pub fn traceparent(&self) -> Option<&str> {
-        self.inner.traceparent.as_deref()
+        self.inner.trace.as_ref().map(|t| t.traceparent.as_str())
+    }
+
+    /// The W3C `tracestate` going with [`JobContext::traceparent`], if any.
+    pub fn tracestate(&self) -> Option<&str> {
+        self.inner
+            .trace
+            .as_ref()
+            .and_then(|t| t.tracestate.as_deref())
+    }
+
+    /// The `process {queue}` span the handler runs in (target `jobplane::worker`): `tracing`
+    /// spans and events of the handler's future nest under it on their own; work the handler
+    /// moves to other tasks or threads can enter it or make it their parent.
+    pub fn span(&self) -> &Span {
+        &self.inner.span
+    }
+
+    /// The trace context the handler's work continues, in W3C form: that of the handler's
+    /// span when an OpenTelemetry layer is installed, else the attempt's context from the
+    /// service ([`JobContext::traceparent`]). Code without `tracing` spans (a binding, a
+    /// subprocess given `TRACEPARENT`) joins the trace through it; SDK calls made inside the
+    /// handler's future already do.
+    pub fn trace_context(&self) -> Option<TraceContext> {
+        TraceContext::of_span(&self.inner.span).or_else(|| self.inner.trace.clone())
     }
 
     /// The id of the worker running the attempt.

@@ -16,6 +16,7 @@ use futures::stream::{self, BoxStream, PollNext, Stream, StreamExt};
 use futures::FutureExt;
 use jobplane_proto::pb;
 use jobplane_proto::pb::worker_service_client::WorkerServiceClient;
+use opentelemetry::trace::TraceContextExt as _;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -23,12 +24,17 @@ use tokio_util::sync::CancellationToken;
 use tonic::codec::Streaming;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn, Instrument};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::outbox::{Outbox, Queued};
 use super::{AttemptKey, HandlerError, JobContext, WorkerConfig};
 use crate::backoff;
 use crate::convert;
 use crate::error::{Error, Result};
+use crate::trace::TraceContext;
+
+/// Target of the span each handler runs in (`process {queue}`).
+pub(crate) const PROCESS_TARGET: &str = "jobplane::worker";
 
 /// Largest result the service accepts.
 const MAX_RESULT: usize = 1 << 20;
@@ -610,15 +616,17 @@ impl Runtime {
             return;
         };
         let token = CancellationToken::new();
+        let span = process_span(&assignment);
         let ctx = JobContext::new(
             assignment,
             self.config.id.clone(),
             token.clone(),
             self.outbox.clone(),
+            span.clone(),
         );
         let (abort, registration) = AbortHandle::new_pair();
-        let span = tracing::info_span!("job", job_id = %key.job_id, attempt = key.attempt, queue = ctx.queue());
         let task_ctx = ctx.clone();
+        let end_ctx = ctx.clone();
         let task_key = key.clone();
         let finished = self.finished_tx.clone();
         tokio::spawn(
@@ -630,6 +638,7 @@ impl Runtime {
                     Ok(Err(_aborted)) => Ended::Aborted,
                     Err(panic) => Ended::Panicked(panic_message(panic.as_ref())),
                 };
+                record_end(end_ctx.span(), &ended, end_ctx.cancel_reason());
                 let _ = finished.send(Finished {
                     key: task_key,
                     ended,
@@ -951,6 +960,74 @@ fn failure(message: impl Into<String>, retryable: bool) -> pb::attempt_outcome::
         message: message.into(),
         retryable,
     })
+}
+
+/// The span one attempt's handler runs in: `process {queue}`, kind consumer, a child of the
+/// attempt's context from the service (the `dispatch {queue}` span) or a new root if it has
+/// none; never a child of whatever span the worker's run loop is in.
+fn process_span(a: &pb::Assignment) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: PROCESS_TARGET,
+        parent: None,
+        "process",
+        otel.name = %format_args!("process {}", a.queue),
+        otel.kind = "consumer",
+        messaging.system = "jobplane",
+        "messaging.operation.type" = "process",
+        messaging.destination.name = %a.queue,
+        messaging.message.id = %a.job_id,
+        jobplane.job_id = %a.job_id,
+        jobplane.queue = %a.queue,
+        jobplane.attempt = a.attempt,
+        jobplane.pool = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    );
+    if !a.pool.is_empty() {
+        span.record("jobplane.pool", a.pool.as_str());
+    }
+    if let Some(parent) = TraceContext::from_parts(&a.traceparent, &a.tracestate) {
+        let cx = parent.to_otel();
+        if cx.span().span_context().is_valid() {
+            // Fails only without an OpenTelemetry layer, when there is nothing to parent.
+            let _ = span.set_parent(cx);
+        }
+    }
+    span
+}
+
+/// Marks the handler's span as failed when the attempt did not succeed (see [`handler_error`]).
+fn record_end(span: &tracing::Span, ended: &Ended, cancel_reason: Option<&str>) {
+    if let Some(error) = handler_error(ended, cancel_reason) {
+        span.record("otel.status_code", "ERROR");
+        span.record("otel.status_description", error.as_str());
+    }
+}
+
+/// Why a handler's run counts as an error, if it does: it failed, panicked, was rate limited,
+/// produced a result too large, or stopped for any reason but a client's cancel (a run timeout,
+/// the worker's shutdown).
+fn handler_error(ended: &Ended, cancel_reason: Option<&str>) -> Option<String> {
+    const CLIENT_CANCEL: &str = "CANCELLED";
+    let stopped = |what: &str| match cancel_reason {
+        Some(CLIENT_CANCEL) => None,
+        Some(reason) => Some(format!("{what}: {reason}")),
+        None => Some(format!("{what} without a cancel request from the service")),
+    };
+    match ended {
+        Ended::Returned(Ok(result)) if result.len() > MAX_RESULT => {
+            Some(format!("result too large: {} bytes", result.len()))
+        }
+        Ended::Returned(Ok(_)) => None,
+        Ended::Returned(Err(HandlerError::Failed { message, .. })) => Some(message.clone()),
+        Ended::Returned(Err(HandlerError::RateLimited { pool, .. })) => Some(match pool {
+            Some(pool) => format!("rate limited by pool {pool}"),
+            None => "rate limited".to_owned(),
+        }),
+        Ended::Returned(Err(HandlerError::Cancelled)) => stopped("cancelled"),
+        Ended::Panicked(message) => Some(format!("handler panicked: {message}")),
+        Ended::Aborted => stopped("aborted"),
+    }
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -1367,5 +1444,109 @@ mod tests {
             panic!("expected a failure");
         };
         assert!(!f.retryable && f.message.contains("too large"));
+    }
+
+    #[test]
+    fn only_failures_and_unrequested_stops_are_errors() {
+        let failed = |m: &str| Ended::Returned(Err(HandlerError::retryable(m)));
+        assert_eq!(handler_error(&ok(b"x"), None), None);
+        assert_eq!(
+            handler_error(&failed("boom"), None).as_deref(),
+            Some("boom")
+        );
+        assert_eq!(
+            handler_error(&Ended::Panicked("oops".into()), None).as_deref(),
+            Some("handler panicked: oops")
+        );
+        let cancelled = || Ended::Returned(Err(HandlerError::Cancelled));
+        // A client's cancel is what the client asked for; a run timeout is a failure.
+        assert_eq!(handler_error(&cancelled(), Some("CANCELLED")), None);
+        assert_eq!(handler_error(&Ended::Aborted, Some("CANCELLED")), None);
+        assert_eq!(
+            handler_error(&cancelled(), Some("RUN_TIMEOUT")).as_deref(),
+            Some("cancelled: RUN_TIMEOUT")
+        );
+        assert!(handler_error(&Ended::Aborted, None).is_some());
+        assert!(handler_error(&ok(&vec![0; MAX_RESULT + 1]), None).is_some());
+        let limited = Ended::Returned(Err(HandlerError::RateLimited {
+            pool: Some("gpt".into()),
+            retry_after: Duration::from_secs(1),
+        }));
+        assert_eq!(
+            handler_error(&limited, None).as_deref(),
+            Some("rate limited by pool gpt")
+        );
+    }
+
+    #[test]
+    fn the_handler_span_continues_the_attempts_context() {
+        use crate::trace::testing::{attr, install};
+        use opentelemetry::trace::{SpanKind, Status};
+        let (_guard, finished) = install(true);
+        let dispatch = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let assignment = |job_id: &str, pool: &str| pb::Assignment {
+            job_id: job_id.into(),
+            attempt: 2,
+            queue: "thumbnails".into(),
+            traceparent: dispatch.into(),
+            tracestate: "k=v".into(),
+            pool: pool.into(),
+            ..Default::default()
+        };
+        // Made inside another span (the run loop's), which it must not be a child of.
+        let outer = tracing::info_span!("run loop");
+        let span = outer.in_scope(|| process_span(&assignment("j1", "gpt")));
+        span.in_scope(|| tracing::info_span!("user work").in_scope(|| {}));
+        record_end(&span, &ok(b""), None);
+        drop(span);
+        let failed = process_span(&assignment("j2", ""));
+        record_end(
+            &failed,
+            &Ended::Returned(Err(HandlerError::fatal("bad input"))),
+            None,
+        );
+        drop(failed);
+
+        let all = finished.named("process thumbnails");
+        assert_eq!(all.len(), 2);
+        let parent = TraceContext::new(dispatch)
+            .to_otel()
+            .span()
+            .span_context()
+            .clone();
+        let by_job = |id: &str| {
+            all.iter()
+                .find(|s| attr(s, "jobplane.job_id").map(|v| v.to_string()).as_deref() == Some(id))
+                .unwrap()
+                .clone()
+        };
+        let ok_span = by_job("j1");
+        assert_eq!(ok_span.span_kind, SpanKind::Consumer);
+        assert_eq!(ok_span.span_context.trace_id(), parent.trace_id());
+        assert_eq!(ok_span.parent_span_id, parent.span_id());
+        assert_eq!(ok_span.span_context.trace_state().header(), "k=v");
+        assert_eq!(ok_span.status, Status::Unset);
+        let a = |k| attr(&ok_span, k).map(|v| v.to_string());
+        assert_eq!(a("messaging.system").as_deref(), Some("jobplane"));
+        assert_eq!(a("messaging.operation.type").as_deref(), Some("process"));
+        assert_eq!(
+            a("messaging.destination.name").as_deref(),
+            Some("thumbnails")
+        );
+        assert_eq!(a("messaging.message.id").as_deref(), Some("j1"));
+        assert_eq!(a("jobplane.queue").as_deref(), Some("thumbnails"));
+        assert_eq!(a("jobplane.attempt").as_deref(), Some("2"));
+        assert_eq!(a("jobplane.pool").as_deref(), Some("gpt"));
+        let user = finished.one("user work");
+        assert_eq!(user.parent_span_id, ok_span.span_context.span_id());
+
+        let failed = by_job("j2");
+        assert_eq!(attr(&failed, "jobplane.pool"), None);
+        assert_eq!(
+            failed.status,
+            Status::Error {
+                description: "bad input".into()
+            }
+        );
     }
 }
