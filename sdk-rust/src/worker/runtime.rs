@@ -972,10 +972,6 @@ fn process_span(a: &pb::Assignment) -> tracing::Span {
         "process",
         otel.name = %format_args!("process {}", a.queue),
         otel.kind = "consumer",
-        messaging.system = "jobplane",
-        "messaging.operation.type" = "process",
-        messaging.destination.name = %a.queue,
-        messaging.message.id = %a.job_id,
         jobplane.job_id = %a.job_id,
         jobplane.queue = %a.queue,
         jobplane.attempt = a.attempt,
@@ -986,6 +982,11 @@ fn process_span(a: &pb::Assignment) -> tracing::Span {
     if !a.pool.is_empty() {
         span.record("jobplane.pool", a.pool.as_str());
     }
+    // The messaging conventions' attributes go to the exported span only, not to log lines.
+    span.set_attribute("messaging.system", "jobplane");
+    span.set_attribute("messaging.operation.type", "process");
+    span.set_attribute("messaging.destination.name", a.queue.clone());
+    span.set_attribute("messaging.message.id", a.job_id.clone());
     if let Some(parent) = TraceContext::from_parts(&a.traceparent, &a.tracestate) {
         let cx = parent.to_otel();
         if cx.span().span_context().is_valid() {
