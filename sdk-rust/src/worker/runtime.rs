@@ -974,7 +974,8 @@ fn process_span(a: &pb::Assignment) -> tracing::Span {
         otel.kind = "consumer",
         jobplane.job_id = %a.job_id,
         jobplane.queue = %a.queue,
-        jobplane.attempt = a.attempt,
+        // i64: an integer attribute (tracing-opentelemetry records unsigned values as text).
+        jobplane.attempt = i64::from(a.attempt),
         jobplane.pool = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
         otel.status_description = tracing::field::Empty,
@@ -1536,7 +1537,10 @@ mod tests {
         );
         assert_eq!(a("messaging.message.id").as_deref(), Some("j1"));
         assert_eq!(a("jobplane.queue").as_deref(), Some("thumbnails"));
-        assert_eq!(a("jobplane.attempt").as_deref(), Some("2"));
+        assert_eq!(
+            attr(&ok_span, "jobplane.attempt"),
+            Some(opentelemetry::Value::I64(2))
+        );
         assert_eq!(a("jobplane.pool").as_deref(), Some("gpt"));
         let user = finished.one("user work");
         assert_eq!(user.parent_span_id, ok_span.span_context.span_id());
