@@ -84,6 +84,8 @@ mod client;
 mod convert;
 mod error;
 mod rpc;
+#[cfg(feature = "otlp")]
+pub mod telemetry;
 pub mod trace;
 mod types;
 pub mod worker;

@@ -58,7 +58,8 @@ pub(crate) fn span(
     if let Some(server) = server {
         span.record("server.address", server.host.as_str());
         if let Some(port) = server.port {
-            span.record("server.port", port);
+            // i64: an integer attribute (tracing-opentelemetry records unsigned values as text).
+            span.record("server.port", i64::from(port));
         }
     }
     span
@@ -242,7 +243,14 @@ mod tests {
         assert_eq!(attr("rpc.service").as_deref(), Some(JOB_SERVICE));
         assert_eq!(attr("rpc.method").as_deref(), Some("GetJob"));
         assert_eq!(attr("server.address").as_deref(), Some("db.example"));
-        assert_eq!(attr("server.port").as_deref(), Some("7741"));
+        assert_eq!(
+            crate::trace::testing::attr(&client, "server.port"),
+            Some(opentelemetry::Value::I64(7741))
+        );
+        assert_eq!(
+            crate::trace::testing::attr(&client, "rpc.grpc.status_code"),
+            Some(opentelemetry::Value::I64(5))
+        );
         assert_eq!(attr("jobplane.job_id").as_deref(), Some("j1"));
         assert_eq!(attr("messaging.message.id").as_deref(), Some("j1"));
         assert_eq!(attr("rpc.grpc.status_code").as_deref(), Some("5"));

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use jobplane_server::telemetry::{Telemetry, EXPORT_TARGET};
+use jobplane_server::telemetry::{json_logs, Telemetry, DEFAULT_SERVICE_NAME, EXPORT_TARGET};
 use tracing_subscriber::filter::{filter_fn, FilterExt, LevelFilter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -20,16 +20,19 @@ async fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Spans made only for export never show in the logs.
     let not_export = filter_fn(|meta| meta.target() != EXPORT_TARGET);
-    let logs = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
     let logs = match cli.log_format {
-        cli::LogFormat::Text => logs.with_filter(filter.and(not_export)).boxed(),
-        cli::LogFormat::Json => logs.json().with_filter(filter.and(not_export)).boxed(),
+        cli::LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_filter(filter.and(not_export))
+            .boxed(),
+        // Each line inside a traced span carries its trace_id and span_id.
+        cli::LogFormat::Json => json_logs(std::io::stderr)
+            .with_filter(filter.and(not_export))
+            .boxed(),
     };
-    let (telemetry, export) = match Telemetry::from_env() {
-        Ok(Some((t, layer))) => (Some(t), Some(layer.with_filter(LevelFilter::INFO))),
-        Ok(None) => (None, None),
+    let (telemetry, export) = match Telemetry::from_env(DEFAULT_SERVICE_NAME) {
+        Ok((t, layer)) => (Some(t), layer.map(|l| l.with_filter(LevelFilter::INFO))),
         Err(e) => {
             eprintln!("jobplane: trace export disabled: {e}");
             (None, None)

@@ -1,8 +1,14 @@
 //! Trace export over OTLP/gRPC, for real: a receiver built on `opentelemetry-proto`'s generated
 //! `TraceService` runs in the test, and the real `jobplane serve` process exports to it when the
-//! standard `OTEL_*` variables say so — and sends nothing when they are unset.
+//! standard `OTEL_*` variables say so — and sends nothing when they are unset. The Rust SDK's
+//! client and worker in the test process export to the same receiver through
+//! `jobplane::telemetry`, so a job's trace can be followed across all three.
 
-use jobplane::{Client, JobSpec};
+use std::time::Duration;
+
+use jobplane::telemetry::Telemetry;
+use jobplane::worker::{HandlerError, JobContext};
+use jobplane::{Client, JobSpec, JobState};
 use jobplane_tests::{guard, ServerProcess};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -17,6 +23,11 @@ use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
+use tracing::Instrument as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::spawn_worker;
 
 /// Every OTEL variable the service reads, removed unless a test sets it.
 const OTEL_VARS: [&str; 8] = [
@@ -251,4 +262,248 @@ async fn a_graceful_exit_flushes_the_spans_still_queued() {
             .any(|n| n == "jobplane.v1.JobService/SubmitJob"),
         "flushed at exit: {names:?}"
     );
+}
+
+/// `service.name` of the spans this test process exports through the SDK.
+const SDK_SERVICE: &str = "e2e-sdk";
+/// `service.name` of the `jobplane serve` process's spans.
+const SERVER_SERVICE: &str = "jobplane";
+
+/// Makes this process export its spans (the SDK's client and worker spans, the test's own) to
+/// `endpoint` through `jobplane::telemetry`, configured by the standard variables as any
+/// program using the SDK would be. Each nextest test runs in a process of its own, so setting
+/// the variables and the global subscriber here touches no other test.
+fn export_from_this_process(endpoint: &str) -> Telemetry {
+    for var in OTEL_VARS {
+        std::env::remove_var(var);
+    }
+    std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+    std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "100");
+    std::env::set_var("OTEL_SERVICE_NAME", SDK_SERVICE);
+    let (telemetry, export) = Telemetry::from_env("unnamed").expect("telemetry");
+    assert!(telemetry.is_exporting());
+    tracing_subscriber::registry().with(export).init();
+    telemetry
+}
+
+/// The spans received so far, by the `service.name` of their resource.
+struct Collected {
+    rx: mpsc::UnboundedReceiver<Received>,
+    spans: Vec<(String, Span)>,
+}
+
+impl Collected {
+    fn new(rx: mpsc::UnboundedReceiver<Received>) -> Self {
+        Collected { rx, spans: vec![] }
+    }
+
+    /// Receives spans until each `(service, span name)` has come at least once.
+    async fn until(&mut self, wanted: &[(&str, &str)]) {
+        let what = format!("spans {wanted:?}");
+        guard(&what, async {
+            while !wanted
+                .iter()
+                .all(|(svc, name)| self.find(svc, name).is_some())
+            {
+                let r = self.rx.recv().await.expect("receiver running");
+                let service = match attr(&r.resource, "service.name") {
+                    Some(Value::StringValue(s)) => s.clone(),
+                    _ => String::new(),
+                };
+                self.spans.push((service, r.span));
+            }
+        })
+        .await;
+    }
+
+    /// The one span of `service` named `name` (panics if there are several).
+    fn one(&self, service: &str, name: &str) -> &Span {
+        let found: Vec<_> = self.all(service, name).collect();
+        assert_eq!(found.len(), 1, "spans {name} of {service}");
+        found[0]
+    }
+
+    fn find(&self, service: &str, name: &str) -> Option<&Span> {
+        self.all(service, name).next()
+    }
+
+    fn all<'a>(&'a self, service: &str, name: &str) -> impl Iterator<Item = &'a Span> {
+        let (service, name) = (service.to_owned(), name.to_owned());
+        self.spans
+            .iter()
+            .filter(move |(s, span)| *s == service && span.name == name)
+            .map(|(_, span)| span)
+    }
+}
+
+fn int(i: i64) -> Value {
+    Value::IntValue(i)
+}
+
+fn is_error(span: &Span) -> bool {
+    span.status.as_ref().map(|s| s.code) == Some(StatusCode::Error as i32)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_life_is_traced_from_the_client_through_the_service_to_the_worker() {
+    let (endpoint, received) = start_receiver().await;
+    let telemetry = export_from_this_process(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_with_env(
+        dir.path(),
+        &env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ]),
+    )
+    .await;
+    let client = Client::connect(&server.addr).await.unwrap();
+    let port: i64 = server.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let worker = spawn_worker(&server.addr, "thumbs", 1, move |ctx: JobContext| {
+        let seen = seen_tx.clone();
+        async move {
+            // The user's own span inside the handler.
+            async { tracing::info!("resizing") }
+                .instrument(tracing::info_span!("resize"))
+                .await;
+            let _ = seen.send(ctx.trace_context());
+            Ok(b"done".to_vec())
+        }
+    });
+
+    // Submitted inside a span of the caller's; waited for outside it.
+    let checkout = tracing::info_span!("checkout");
+    let job = client
+        .submit(JobSpec::new("thumbs"))
+        .instrument(checkout.clone())
+        .await
+        .unwrap()
+        .job;
+    drop(checkout);
+    let done = guard("the job", client.wait(&job.id, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(done.job.state, JobState::Succeeded);
+    let handler_cx = guard("the handler", seen.recv()).await.unwrap();
+
+    let mut spans = Collected::new(received);
+    spans
+        .until(&[
+            (SDK_SERVICE, "checkout"),
+            (SDK_SERVICE, "jobplane.v1.JobService/SubmitJob"),
+            (SERVER_SERVICE, "jobplane.v1.JobService/SubmitJob"),
+            (SDK_SERVICE, "process thumbs"),
+            (SDK_SERVICE, "resize"),
+            (SDK_SERVICE, "jobplane.v1.JobService/WaitJob"),
+        ])
+        .await;
+    let checkout = spans.one(SDK_SERVICE, "checkout");
+    let trace = hex(&checkout.trace_id);
+
+    // The client's submit span: a child of the caller's span, attributed after the conventions.
+    let submit = spans.one(SDK_SERVICE, "jobplane.v1.JobService/SubmitJob");
+    assert_eq!(submit.kind, SpanKind::Client as i32);
+    assert_eq!(hex(&submit.trace_id), trace);
+    assert_eq!(submit.parent_span_id, checkout.span_id);
+    for (key, value) in [
+        ("rpc.system", string("grpc")),
+        ("rpc.service", string("jobplane.v1.JobService")),
+        ("rpc.method", string("SubmitJob")),
+        ("server.address", string("127.0.0.1")),
+        ("server.port", int(port)),
+        ("jobplane.queue", string("thumbs")),
+        ("messaging.destination.name", string("thumbs")),
+        ("jobplane.job_id", string(&job.id)),
+        ("rpc.grpc.status_code", int(0)),
+    ] {
+        assert_eq!(attr(&submit.attributes, key), Some(&value), "{key}");
+    }
+
+    // The service's SubmitJob span is the client span's child, in the same trace.
+    let accepted = spans.one(SERVER_SERVICE, "jobplane.v1.JobService/SubmitJob");
+    assert_eq!(accepted.kind, SpanKind::Server as i32);
+    assert_eq!(hex(&accepted.trace_id), trace);
+    assert_eq!(accepted.parent_span_id, submit.span_id);
+
+    // The worker's span: a consumer span with the messaging attributes, the user's span in it.
+    let process = spans.one(SDK_SERVICE, "process thumbs");
+    assert_eq!(process.kind, SpanKind::Consumer as i32);
+    for (key, value) in [
+        ("messaging.system", string("jobplane")),
+        ("messaging.operation.type", string("process")),
+        ("messaging.destination.name", string("thumbs")),
+        ("messaging.message.id", string(&job.id)),
+        ("jobplane.job_id", string(&job.id)),
+        ("jobplane.queue", string("thumbs")),
+        ("jobplane.attempt", int(1)),
+    ] {
+        assert_eq!(attr(&process.attributes, key), Some(&value), "{key}");
+    }
+    assert_eq!(attr(&process.attributes, "jobplane.pool"), None);
+    assert!(!is_error(process));
+    let resize = spans.one(SDK_SERVICE, "resize");
+    assert_eq!(resize.parent_span_id, process.span_id);
+    assert_eq!(resize.trace_id, process.trace_id);
+    // What the handler is told of its trace is its own span's context.
+    let handler_cx = handler_cx.expect("a trace context");
+    assert_eq!(
+        handler_cx.traceparent,
+        format!("00-{}-{}-01", hex(&process.trace_id), hex(&process.span_id))
+    );
+
+    // The wait, outside the caller's span, is a trace of its own.
+    let wait = spans
+        .all(SDK_SERVICE, "jobplane.v1.JobService/WaitJob")
+        .last()
+        .unwrap();
+    assert_eq!(wait.kind, SpanKind::Client as i32);
+    assert_ne!(hex(&wait.trace_id), trace);
+    assert_eq!(
+        attr(&wait.attributes, "messaging.message.id"),
+        Some(&string(&job.id))
+    );
+
+    worker.stop().await.unwrap();
+    telemetry.shutdown().await;
+    assert!(server.terminate().await, "graceful exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_is_an_error_in_the_workers_span() {
+    let (endpoint, received) = start_receiver().await;
+    let telemetry = export_from_this_process(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_with_env(
+        dir.path(),
+        &env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ]),
+    )
+    .await;
+    let client = Client::connect(&server.addr).await.unwrap();
+    let worker = spawn_worker(&server.addr, "broken", 1, |_ctx: JobContext| async {
+        Err::<Vec<u8>, _>(HandlerError::fatal("no such image"))
+    });
+    let job = client.submit(JobSpec::new("broken")).await.unwrap().job;
+    let done = guard("the job", client.wait(&job.id, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(done.job.state, JobState::Failed);
+
+    let mut spans = Collected::new(received);
+    spans.until(&[(SDK_SERVICE, "process broken")]).await;
+    let process = spans.one(SDK_SERVICE, "process broken");
+    let status = process.status.as_ref().expect("a status");
+    assert_eq!(status.code, StatusCode::Error as i32);
+    assert_eq!(status.message, "no such image");
+    assert_eq!(
+        attr(&process.attributes, "jobplane.job_id"),
+        Some(&string(&job.id))
+    );
+
+    worker.stop().await.unwrap();
+    telemetry.shutdown().await;
+    assert!(server.terminate().await, "graceful exit");
 }

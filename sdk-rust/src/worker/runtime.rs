@@ -972,13 +972,10 @@ fn process_span(a: &pb::Assignment) -> tracing::Span {
         "process",
         otel.name = %format_args!("process {}", a.queue),
         otel.kind = "consumer",
-        messaging.system = "jobplane",
-        "messaging.operation.type" = "process",
-        messaging.destination.name = %a.queue,
-        messaging.message.id = %a.job_id,
         jobplane.job_id = %a.job_id,
         jobplane.queue = %a.queue,
-        jobplane.attempt = a.attempt,
+        // i64: an integer attribute (tracing-opentelemetry records unsigned values as text).
+        jobplane.attempt = i64::from(a.attempt),
         jobplane.pool = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
         otel.status_description = tracing::field::Empty,
@@ -986,6 +983,11 @@ fn process_span(a: &pb::Assignment) -> tracing::Span {
     if !a.pool.is_empty() {
         span.record("jobplane.pool", a.pool.as_str());
     }
+    // The messaging conventions' attributes go to the exported span only, not to log lines.
+    span.set_attribute("messaging.system", "jobplane");
+    span.set_attribute("messaging.operation.type", "process");
+    span.set_attribute("messaging.destination.name", a.queue.clone());
+    span.set_attribute("messaging.message.id", a.job_id.clone());
     if let Some(parent) = TraceContext::from_parts(&a.traceparent, &a.tracestate) {
         let cx = parent.to_otel();
         if cx.span().span_context().is_valid() {
@@ -1535,7 +1537,10 @@ mod tests {
         );
         assert_eq!(a("messaging.message.id").as_deref(), Some("j1"));
         assert_eq!(a("jobplane.queue").as_deref(), Some("thumbnails"));
-        assert_eq!(a("jobplane.attempt").as_deref(), Some("2"));
+        assert_eq!(
+            attr(&ok_span, "jobplane.attempt"),
+            Some(opentelemetry::Value::I64(2))
+        );
         assert_eq!(a("jobplane.pool").as_deref(), Some("gpt"));
         let user = finished.one("user work");
         assert_eq!(user.parent_span_id, ok_span.span_context.span_id());
