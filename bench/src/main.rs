@@ -267,9 +267,9 @@ async fn run(
     };
     let telemetry = match &receiver {
         Some(_) => {
-            let (telemetry, layer) = jobplane_server::telemetry::Telemetry::from_env()
-                .map_err(anyhow::Error::msg)?
-                .context("trace export is configured")?;
+            let (telemetry, layer) =
+                jobplane_server::telemetry::Telemetry::from_env("jobplane-bench")?;
+            let layer = layer.context("trace export is configured")?;
             tracing_subscriber::registry()
                 .with(layer.with_filter(tracing_subscriber::filter::LevelFilter::INFO))
                 .init();

@@ -27,10 +27,28 @@ use crate::engine::model::{
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/sqlite");
 
-/// Most rows per multi-row statement (SQLite allows 32,766 bound parameters; a job insert binds
-/// 32 per row). Few, large statements per transaction: each statement is a round trip to sqlx's
-/// SQLite thread, which costs more than parsing a statement text the cache has not seen.
-const ROWS_PER_STATEMENT: usize = 1024;
+/// Most parameters SQLite binds in one statement.
+const MAX_BINDS: usize = 32_766;
+
+/// Most rows per multi-row statement: as many jobs as SQLite can bind in one insert (the widest
+/// statement: one parameter per column of [`JOB_COLUMNS`]). Few, large statements per
+/// transaction: each statement is a round trip to sqlx's SQLite thread, which costs more than
+/// parsing a statement text the cache has not seen.
+const ROWS_PER_STATEMENT: usize = MAX_BINDS / job_column_count();
+
+/// The number of columns in [`JOB_COLUMNS`].
+const fn job_column_count() -> usize {
+    let bytes = JOB_COLUMNS.as_bytes();
+    let mut n = 1;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b',' {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+}
 
 const JOB_COLUMNS: &str = "id, namespace, queue, payload, labels, priority, idempotency_key, \
     state, attempt, retries_used, retry_policy, run_timeout_us, max_wait_us, result, \

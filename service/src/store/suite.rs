@@ -249,6 +249,53 @@ pub async fn batch_is_atomic(store: Arc<dyn Store>) {
     assert!(store.events(b.id, 0, 10).await.unwrap().is_empty());
 }
 
+/// A transaction as large as group commit makes under load (several submit batches at once):
+/// more rows than one statement can bind, each with every column set.
+pub async fn a_large_batch_commits(store: Arc<dyn Store>) {
+    let jobs: Vec<Job> = (0..5000)
+        .map(|i| {
+            let mut j = job("bulk", &[("n", &i.to_string())]);
+            j.idempotency_key = Some(format!("key-{i}"));
+            j.trace = Some(Arc::new(TraceContext {
+                traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+                tracestate: String::new(),
+            }));
+            j
+        })
+        .collect();
+    let mut writes: Vec<Write> = jobs
+        .iter()
+        .map(|j| Write::InsertJob(Arc::new(j.clone())))
+        .collect();
+    writes.extend(
+        jobs.iter()
+            .map(|j| Write::Event(state_event(j, 1, JobState::Queued))),
+    );
+    store.apply(&writes).await.unwrap();
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    assert_eq!(store.get_jobs(&ids).await.unwrap(), jobs);
+    // And as many updates.
+    let leased: Vec<Job> = jobs
+        .iter()
+        .map(|j| {
+            next(j, |n| {
+                n.state = JobState::Leased;
+                n.attempt = 1;
+                n.worker_id = Some(WorkerId("w".into()));
+            })
+        })
+        .collect();
+    let updates: Vec<Write> = leased
+        .iter()
+        .map(|j| Write::UpdateJob {
+            job: Arc::new(j.clone()),
+            expected_version: 1,
+        })
+        .collect();
+    store.apply(&updates).await.unwrap();
+    assert_eq!(store.get_jobs(&ids).await.unwrap(), leased);
+}
+
 pub async fn insert_and_updates_in_one_batch(store: Arc<dyn Store>) {
     let j = job("q", &[]);
     let leased = next(&j, |n| {
@@ -513,6 +560,7 @@ mod sqlite {
         guarded_update,
         batch_is_atomic,
         insert_and_updates_in_one_batch,
+        a_large_batch_commits,
         events_page_in_order,
         list_filters_and_pages,
         recover_active_state,
