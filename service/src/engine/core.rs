@@ -34,9 +34,9 @@ struct Active {
     wait_timer: Option<TimerKey>,
     cancel_timer: Option<TimerKey>,
     /// Only while its spans are recorded ([`EngineConfig::job_spans`]): its current stay in
-    /// QUEUED, and the context of its current attempt's `dispatch` span.
+    /// QUEUED, and its current attempt's open span with the context handed to the worker.
     queued: Option<spans::Queued>,
-    dispatch_trace: Option<Arc<TraceContext>>,
+    attempt_span: Option<(spans::Attempt, Arc<TraceContext>)>,
 }
 
 impl Active {
@@ -47,7 +47,7 @@ impl Active {
             wait_timer: None,
             cancel_timer: None,
             queued: None,
-            dispatch_trace: None,
+            attempt_span: None,
         }
     }
 }
@@ -466,11 +466,11 @@ impl Core {
         }
         if holds(from) && !holds(to) {
             let failed = matches!(trigger, Trigger::Retry | Trigger::Fail | Trigger::TimeOut);
-            let dispatch = active.dispatch_trace.take();
-            spans::complete(job, dispatch.as_deref(), to, failed, started_at, now);
+            let attempt = active.attempt_span.take().map(|(a, _)| a);
+            spans::complete(job, attempt, to, failed, started_at, now);
         }
         if trigger == Trigger::Dispatch {
-            active.dispatch_trace = spans::dispatch(job, now).map(Arc::new);
+            active.attempt_span = spans::dispatch(job, now).map(|(a, t)| (a, Arc::new(t)));
         }
         if to == JobState::Queued && from != JobState::Queued {
             active.queued = Some(spans::Queued::new(now));
@@ -636,8 +636,8 @@ impl Core {
         let at = Instant::now() + self.config.ack_timeout;
         let k = self.timer(at, Timer::AckTimeout(job.id, job.attempt));
         self.active_mut(job.id).state_timer = Some(k);
-        let trace = match &self.jobs[&job.id].dispatch_trace {
-            Some(t) => Some(t.clone()),
+        let trace = match &self.jobs[&job.id].attempt_span {
+            Some((_, t)) => Some(t.clone()),
             None => job.trace.clone(),
         };
         out.effects.push(Effect::ToWorker {

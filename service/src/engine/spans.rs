@@ -3,23 +3,25 @@
 //!
 //! - `queued {queue}`: from entering QUEUED (submit, retry, requeue) to leaving it (dispatch,
 //!   cancel, expiry), with one `waiting` event per `waiting_for` reason it waited on;
-//! - `dispatch {queue}` (kind producer): the hand-over of an attempt to a worker. Its context
-//!   goes to the worker in the assignment, so the worker's `process {queue}` span is its child;
-//! - `complete {queue}`: the end of an attempt, a child of its `dispatch` span, with the
-//!   outcome; status ERROR when the attempt failed (failure, timeout, lost worker).
+//! - `dispatch {queue}` (kind producer): an attempt, from its hand-over to a worker to its end,
+//!   with the outcome; status ERROR when the attempt failed (failure, timeout, lost worker). Its
+//!   context goes to the worker in the assignment, so the worker's `process {queue}` span is its
+//!   child. It stays open (in memory) while the attempt runs.
 //!
-//! They are built with the OpenTelemetry API and explicit start times, when the state changes
-//! (they are records of what happened, not scopes of code): the global tracer provider, which
-//! trace export installs, exports them. Only made when export is on
+//! They are built with the OpenTelemetry API and explicit times, when the state changes (they
+//! are records of what happened, not scopes of code): the global tracer provider, which trace
+//! export installs, exports them. Only made when export is on
 //! ([`super::EngineConfig::job_spans`]) and the job has a trace; the sampler decides per trace
 //! (parent based by default: a job whose submitter did not sample is not recorded).
 
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use opentelemetry::global::BoxedSpan;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{
-    SpanContext, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
+    Span as _, SpanContext, SpanKind, Status, TraceContextExt as _, Tracer as _,
+    TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -148,16 +150,34 @@ pub(crate) fn queued(job: &Job, queued: &Queued, to: JobState, now: Timestamp) {
     );
     let mut span = tracer.build_with_context(builder, &parent);
     if to == JobState::Expired {
-        opentelemetry::trace::Span::set_status(&mut span, Status::error(error_text(job)));
+        span.set_status(Status::error(error_text(job)));
     }
-    opentelemetry::trace::Span::end_with_timestamp(&mut span, time(now));
+    span.end_with_timestamp(time(now));
 }
 
-/// The `dispatch` span of the attempt `job` was just handed; returns the context the worker
-/// gets (the span's), or the job's own when it is not recorded.
-pub(crate) fn dispatch(job: &Job, now: Timestamp) -> Option<TraceContext> {
+/// The open span of an attempt: `dispatch {queue}`, from the hand-over to the end.
+pub(crate) struct Attempt {
+    span: BoxedSpan,
+}
+
+impl std::fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attempt").finish_non_exhaustive()
+    }
+}
+
+/// Opens the `dispatch` span of the attempt `job` was just handed. Returns it with the context
+/// the worker gets (the span's), or `None` when the job's trace is not valid.
+pub(crate) fn dispatch(job: &Job, now: Timestamp) -> Option<(Attempt, TraceContext)> {
     let trace = job.trace.as_deref()?;
     let parent = context_of(trace)?;
+    let span = attempt_span(job, now, &parent);
+    let sc = span.span_context().clone();
+    let worker_context = trace_context(&sc).unwrap_or_else(|| trace.clone());
+    Some((Attempt { span }, worker_context))
+}
+
+fn attempt_span(job: &Job, start: Timestamp, parent: &Context) -> BoxedSpan {
     let mut attributes = job_attributes(job);
     attributes.push(KeyValue::new("messaging.operation.type", "send"));
     attributes.push(KeyValue::new("jobplane.attempt", i64::from(job.attempt)));
@@ -171,60 +191,49 @@ pub(crate) fn dispatch(job: &Job, now: Timestamp) -> Option<TraceContext> {
     let builder = tracer
         .span_builder(format!("dispatch {}", job.queue))
         .with_kind(SpanKind::Producer)
-        .with_start_time(time(now))
+        .with_start_time(time(start))
         .with_attributes(attributes);
-    let mut span = tracer.build_with_context(builder, &parent);
-    let sc = opentelemetry::trace::Span::span_context(&span).clone();
-    opentelemetry::trace::Span::end_with_timestamp(&mut span, time(now));
-    trace_context(&sc).or_else(|| Some(trace.clone()))
+    tracer.build_with_context(builder, parent)
 }
 
-/// The `complete` span of an attempt that ended at `now` in state `to` (`failed`: by its own
-/// failure — error, timeout, lost worker — rather than success, cancel or a rate limit);
-/// `dispatch` is the context of its `dispatch` span when known (not after a restart).
+/// Ends an attempt's span at `now` with its outcome, state `to` (`failed`: by its own failure —
+/// error, timeout, lost worker — rather than success, cancel or a rate limit). `attempt` is
+/// `None` for an attempt dispatched before the service restarted: its span is then made now,
+/// from the attempt's start.
 pub(crate) fn complete(
     job: &Job,
-    dispatch: Option<&TraceContext>,
+    attempt: Option<Attempt>,
     to: JobState,
     failed: bool,
     started: Option<Timestamp>,
     now: Timestamp,
 ) {
-    let Some(parent) = dispatch
-        .and_then(context_of)
-        .or_else(|| job.trace.as_deref().and_then(context_of))
-    else {
-        return;
+    let mut span = match attempt {
+        Some(a) => a.span,
+        None => {
+            let Some(parent) = job.trace.as_deref().and_then(context_of) else {
+                return;
+            };
+            attempt_span(job, started.unwrap_or(now), &parent)
+        }
     };
-    let mut attributes = job_attributes(job);
-    attributes.push(KeyValue::new("jobplane.attempt", i64::from(job.attempt)));
-    attributes.push(KeyValue::new("jobplane.outcome", to.as_str()));
-    if let Some(w) = &job.worker_id {
-        attributes.push(KeyValue::new("jobplane.worker_id", w.0.to_string()));
+    if !span.is_recording() {
+        return;
     }
-    if let Some(p) = &job.pool {
-        attributes.push(KeyValue::new("jobplane.pool", p.to_string()));
-    }
+    span.set_attribute(KeyValue::new("jobplane.outcome", to.as_str()));
     if let Some(started) = started {
-        attributes.push(KeyValue::new(
+        span.set_attribute(KeyValue::new(
             "jobplane.run_time_ms",
             now.since(started).as_secs_f64() * 1e3,
         ));
     }
     if let Some(e) = &job.error {
-        attributes.push(KeyValue::new("jobplane.error.reason", e.reason.clone()));
+        span.set_attribute(KeyValue::new("jobplane.error.reason", e.reason.clone()));
     }
-    let tracer = tracer();
-    let builder = tracer
-        .span_builder(format!("complete {}", job.queue))
-        .with_kind(SpanKind::Internal)
-        .with_start_time(time(now))
-        .with_attributes(attributes);
-    let mut span = tracer.build_with_context(builder, &parent);
     if failed {
-        opentelemetry::trace::Span::set_status(&mut span, Status::error(error_text(job)));
+        span.set_status(Status::error(error_text(job)));
     }
-    opentelemetry::trace::Span::end_with_timestamp(&mut span, time(now));
+    span.end_with_timestamp(time(now));
 }
 
 fn error_text(job: &Job) -> Cow<'static, str> {
