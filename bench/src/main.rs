@@ -240,6 +240,11 @@ fn main() -> anyhow::Result<()> {
             format!("http://{}", listener.local_addr()?),
         );
         std::env::remove_var("OTEL_SDK_DISABLED");
+        // The default queue (2,048 spans) overflows at these rates and drops spans, which would
+        // hide their cost: keep every span (unless the caller chose a size).
+        if std::env::var_os("OTEL_BSP_MAX_QUEUE_SIZE").is_none() {
+            std::env::set_var("OTEL_BSP_MAX_QUEUE_SIZE", "1000000");
+        }
         Some((otlp::Receiver::default(), listener))
     } else {
         None
@@ -254,6 +259,7 @@ async fn run(
     args: Args,
     receiver: Option<(otlp::Receiver, std::net::TcpListener)>,
 ) -> anyhow::Result<()> {
+    use tracing_subscriber::filter::FilterExt as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::Layer as _;
@@ -271,7 +277,13 @@ async fn run(
                 jobplane_server::telemetry::Telemetry::from_env("jobplane-bench")?;
             let layer = layer.context("trace export is configured")?;
             tracing_subscriber::registry()
-                .with(layer.with_filter(tracing_subscriber::filter::LevelFilter::INFO))
+                .with(layer.with_filter(
+                    // As the service binary: spans and events at INFO, but not the state
+                    // change log lines (logs, not trace data).
+                    tracing_subscriber::filter::LevelFilter::INFO.and(
+                        tracing_subscriber::filter::filter_fn(|m| m.target() != "jobplane::job"),
+                    ),
+                ))
                 .init();
             Some(telemetry)
         }

@@ -8,7 +8,6 @@ use futures::{Stream, StreamExt};
 use jobplane_proto::pb;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
-use tracing::Instrument as _;
 
 use super::convert::{self, MAX_BATCH};
 use super::error::{invalid, to_status};
@@ -76,16 +75,9 @@ impl pb::job_service_server::JobService for Jobs {
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let (meta, _, msg) = req.into_parts();
         let mut spec = convert::spec(msg.spec, "spec").map_err(to_status)?;
-        let accept = trace::accept_span(Some(spec.queue.as_str()), 1);
-        spec.trace = trace::job_trace(&accept, &meta);
-        let mut out = self
-            .engine
-            .submit(vec![spec])
-            .instrument(accept.clone())
-            .await
-            .map_err(|e| trace::failed(&accept, to_status(e)))?;
+        spec.trace = trace::job_trace(&meta);
+        let mut out = self.engine.submit(vec![spec]).await.map_err(to_status)?;
         let s = out.pop().ok_or_else(|| Status::internal("no result"))?;
-        accept.record("jobplane.job_id", tracing::field::display(s.job.id));
         Ok(Response::new(pb::SubmitJobResponse {
             job: Some(convert::pb_job(&s.job)),
             created: s.created,
@@ -113,19 +105,11 @@ impl pb::job_service_server::JobService for Jobs {
             .map(|(i, s)| convert::spec(Some(s), &format!("specs[{i}]")))
             .collect::<Result<Vec<_>, _>>()
             .map_err(to_status)?;
-        let queue = specs[0].queue.clone();
-        let one_queue = specs.iter().all(|s| s.queue == queue);
-        let accept = trace::accept_span(one_queue.then_some(queue.as_str()), specs.len());
-        let job_trace = trace::job_trace(&accept, &meta);
+        let job_trace = trace::job_trace(&meta);
         for s in &mut specs {
             s.trace = job_trace.clone();
         }
-        let out = self
-            .engine
-            .submit(specs)
-            .instrument(accept.clone())
-            .await
-            .map_err(|e| trace::failed(&accept, to_status(e)))?;
+        let out = self.engine.submit(specs).await.map_err(to_status)?;
         Ok(Response::new(pb::SubmitJobsResponse {
             results: out
                 .iter()

@@ -122,45 +122,17 @@ where
     }
 }
 
-/// The span of accepting submitted jobs (until their commit), a child of the call's span. Its
-/// context becomes the jobs' trace: every span of their lives is in it. `queue` is the jobs'
-/// queue when they share one.
-pub(crate) fn accept_span(queue: Option<&str>, jobs: usize) -> Span {
-    tracing::info_span!(
-        target: EXPORT_TARGET,
-        "accept",
-        otel.name = %format_args!("accept {}", queue.unwrap_or("jobs")),
-        otel.kind = "internal",
-        messaging.system = "jobplane",
-        messaging.operation.type = "create",
-        messaging.destination.name = queue,
-        messaging.batch.message_count = jobs,
-        jobplane.queue = queue,
-        jobplane.job_id = Empty,
-        otel.status_code = Empty,
-        otel.status_description = Empty,
-    )
-}
-
-/// The trace context submitted jobs get: the accept span's when traces are exported, else the
-/// caller's from the request metadata (so a worker still continues the submitter's trace), else
-/// none.
-pub(crate) fn job_trace(accept: &Span, meta: &MetadataMap) -> Option<Arc<TraceContext>> {
-    let cx = if accept.is_disabled() {
+/// The trace context submitted jobs get: that of the call's server span (the current span) when
+/// traces are exported, else the caller's from the request metadata (so a worker still
+/// continues the submitter's trace), else none.
+pub(crate) fn job_trace(meta: &MetadataMap) -> Option<Arc<TraceContext>> {
+    let call = Span::current();
+    let cx = if call.is_disabled() {
         TraceContextPropagator::new().extract(&MetadataExtractor(meta))
     } else {
-        accept.context()
+        call.context()
     };
     spans::trace_context(cx.span().span_context()).map(Arc::new)
-}
-
-/// Marks `span` failed with `status`, and passes the status on.
-pub(crate) fn failed(span: &Span, status: tonic::Status) -> tonic::Status {
-    if !span.is_disabled() {
-        span.record("otel.status_code", "ERROR");
-        span.record("otel.status_description", status.message());
-    }
-    status
 }
 
 /// Reads W3C trace context from gRPC metadata.

@@ -447,8 +447,8 @@ impl Core {
         self.config.job_spans && job.trace.is_some()
     }
 
-    /// The spans a state change ends (see [`spans`]); `started_at` is when the attempt that
-    /// may have ended started running.
+    /// The spans a state change opens or ends (see [`spans`]); `started_at` is when the
+    /// attempt that may have ended started running.
     fn record_spans(
         active: &mut Active,
         job: &Job,
@@ -459,18 +459,16 @@ impl Core {
     ) {
         let to = job.state;
         let holds = |s: JobState| matches!(s, JobState::Leased | JobState::Running);
-        if from == JobState::Queued && to != JobState::Queued {
-            if let Some(q) = active.queued.take() {
-                spans::queued(job, &q, to, now);
-            }
-        }
         if holds(from) && !holds(to) {
             let failed = matches!(trigger, Trigger::Retry | Trigger::Fail | Trigger::TimeOut);
             let attempt = active.attempt_span.take().map(|(a, _)| a);
             spans::complete(job, attempt, to, failed, started_at, now);
         }
-        if trigger == Trigger::Dispatch {
-            active.attempt_span = spans::dispatch(job, now).map(|(a, t)| (a, Arc::new(t)));
+        if from == JobState::Queued && to != JobState::Queued {
+            if let Some(q) = active.queued.take() {
+                active.attempt_span =
+                    spans::left_queue(job, &q, to, now).map(|(a, t)| (a, Arc::new(t)));
+            }
         }
         if to == JobState::Queued && from != JobState::Queued {
             active.queued = Some(spans::Queued::new(now));

@@ -61,8 +61,8 @@ pub struct EngineConfig {
     pub retention: Duration,
     /// How often expired idempotency keys and jobs past their retention are pruned.
     pub maintenance_interval: Duration,
-    /// Record the spans of each job's life (`queued`, `dispatch`) through the
-    /// global OpenTelemetry tracer provider; on when traces are exported.
+    /// Record a span per attempt of each job (see `spans`) through the global OpenTelemetry
+    /// tracer provider; on when traces are exported.
     pub job_spans: bool,
 }
 

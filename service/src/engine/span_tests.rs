@@ -179,51 +179,33 @@ fn a_jobs_life_is_recorded_in_its_trace() {
     assert!(spans
         .iter()
         .all(|s| s.span_context.trace_id().to_string() == TRACE_ID));
-    let queued = named(&spans, "queued mail");
-    let dispatch = named(&spans, "dispatch mail");
+    let attempts = named(&spans, "attempt mail");
     assert_eq!(
-        (queued.len(), dispatch.len(), spans.len()),
-        (2, 2, 4),
-        "two stays in the queue, two attempts: {:#?}",
+        (attempts.len(), spans.len()),
+        (2, 2),
+        "one span per attempt, nothing else: {:#?}",
         spans.iter().map(|s| &s.name).collect::<Vec<_>>()
     );
-    for s in queued.iter().chain(&dispatch) {
+    let mut attempts = attempts;
+    attempts.sort_by_key(|d| attr(d, "jobplane.attempt"));
+    for s in &attempts {
         assert_eq!(
             s.parent_span_id.to_string(),
             ACCEPT_SPAN,
-            "{} under accept",
-            s.name
+            "under the submit"
         );
+        assert_eq!(s.span_kind, SpanKind::Producer);
         assert_eq!(attr(s, "jobplane.job_id"), Some(job.id.to_string()));
         assert_eq!(
             attr(s, "messaging.destination.name").as_deref(),
             Some("mail")
         );
+        assert_eq!(attr(s, "jobplane.worker_id").as_deref(), Some("w"));
+        assert!(s.end_time >= s.start_time);
+        assert!(matches!(&s.status, Status::Error { description } if description.contains("boom")));
     }
-    // The first stay waited for a worker, and says so.
-    let waited = queued
-        .iter()
-        .find(|s| attr(s, "jobplane.attempt").as_deref() == Some("1"))
-        .expect("the first stay");
     assert_eq!(
-        waited
-            .events
-            .iter()
-            .map(|e| e.name.as_ref())
-            .collect::<Vec<_>>(),
-        ["waiting"]
-    );
-    assert_eq!(
-        attr(waited, "jobplane.waiting_for").as_deref(),
-        Some("worker(queue=mail)")
-    );
-    assert_eq!(attr(waited, "jobplane.outcome").as_deref(), Some("LEASED"));
-    // Each attempt: a producer span from the hand-over to the end, whose context is what the
-    // worker got, with the outcome; both failed.
-    let mut by_attempt = dispatch.clone();
-    by_attempt.sort_by_key(|d| attr(d, "jobplane.attempt"));
-    assert_eq!(
-        by_attempt
+        attempts
             .iter()
             .map(|d| (
                 attr(d, "jobplane.attempt").unwrap(),
@@ -232,10 +214,67 @@ fn a_jobs_life_is_recorded_in_its_trace() {
             .collect::<Vec<_>>(),
         [("1".into(), "QUEUED".into()), ("2".into(), "FAILED".into())]
     );
-    for (d, sc) in by_attempt.iter().zip([&first_sc, &second_sc]) {
-        assert_eq!(d.span_kind, SpanKind::Producer);
+    // Their contexts are what the workers got.
+    for (d, sc) in attempts.iter().zip([&first_sc, &second_sc]) {
         assert_eq!(d.span_context.span_id(), sc.span_id());
-        assert!(d.end_time >= d.start_time);
-        assert!(matches!(&d.status, Status::Error { description } if description.contains("boom")));
     }
+    // The first attempt waited for a worker, and says so, then was dispatched.
+    let first_span = attempts[0];
+    assert_eq!(
+        first_span
+            .events
+            .iter()
+            .map(|e| e.name.as_ref())
+            .collect::<Vec<_>>(),
+        ["waiting", "dispatched"]
+    );
+    assert_eq!(
+        attr(first_span, "jobplane.waiting_for").as_deref(),
+        Some("worker(queue=mail)")
+    );
+}
+
+#[test]
+fn a_job_that_expires_waiting_is_an_error_span() {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    let mut core = Core::new(EngineConfig {
+        job_spans: true,
+        ..Default::default()
+    });
+    let mut out = Outbox::default();
+    let mut s = spec(
+        Some(TraceContext {
+            traceparent: format!("00-{TRACE_ID}-{ACCEPT_SPAN}-01"),
+            tracestate: String::new(),
+        }),
+        0,
+    );
+    s.max_wait = Some(Duration::from_secs(1));
+    let [Submitted::Created(job)] = &core.submit(vec![s], Timestamp::now(), &mut out).unwrap()[..]
+    else {
+        panic!("a new job");
+    };
+    core.fire(
+        super::timers::Timer::MaxWait(job.id),
+        Timestamp::now(),
+        &mut out,
+    );
+    assert!(core.active_job(job.id).is_none(), "expired");
+    provider.force_flush().unwrap();
+    let spans = exporter.get_finished_spans().unwrap();
+    let [span] = &spans[..] else {
+        panic!("one span: {spans:#?}");
+    };
+    assert_eq!(span.name, "attempt mail");
+    assert_eq!(attr(span, "jobplane.outcome").as_deref(), Some("EXPIRED"));
+    assert_eq!(
+        attr(span, "jobplane.waiting_for").as_deref(),
+        Some("worker(queue=mail)")
+    );
+    assert!(matches!(&span.status, Status::Error { .. }));
+    assert!(span.events.iter().all(|e| e.name != "dispatched"));
 }

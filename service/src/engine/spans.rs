@@ -1,16 +1,15 @@
-//! The spans of a job's life, in the job's own trace (its [`TraceContext`], the context of the
-//! service span that accepted it):
+//! The spans of a job's life, in the job's own trace (its [`TraceContext`]: the context of the
+//! service's span for the submit call that accepted it). One span per attempt, `attempt {queue}`
+//! (kind producer): from when the job began waiting in QUEUED (submit, retry, requeue) to the
+//! attempt's end, with a `waiting` event per `waiting_for` reason it waited on, a `dispatched`
+//! event when it was handed to a worker, and the outcome; status ERROR when the attempt failed
+//! (error, timeout, lost worker) or the job expired waiting. Its context goes to the worker in
+//! the assignment, so the worker's `process {queue}` span is its child. A stay in the queue that
+//! ends without a dispatch (cancel, expiry) is a span of its own kind too, with that outcome.
 //!
-//! - `queued {queue}`: from entering QUEUED (submit, retry, requeue) to leaving it (dispatch,
-//!   cancel, expiry), with one `waiting` event per `waiting_for` reason it waited on;
-//! - `dispatch {queue}` (kind producer): an attempt, from its hand-over to a worker to its end,
-//!   with the outcome; status ERROR when the attempt failed (failure, timeout, lost worker). Its
-//!   context goes to the worker in the assignment, so the worker's `process {queue}` span is its
-//!   child. It stays open (in memory) while the attempt runs.
-//!
-//! They are built with the OpenTelemetry API and explicit times, when the state changes (they
-//! are records of what happened, not scopes of code): the global tracer provider, which trace
-//! export installs, exports them. Only made when export is on
+//! The span is built with the OpenTelemetry API and explicit times when the job leaves the queue
+//! (start: when it began waiting) and stays open in memory while the attempt runs: the global
+//! tracer provider, which trace export installs, exports it. Only made when export is on
 //! ([`super::EngineConfig::job_spans`]) and the job has a trace; the sampler decides per trace
 //! (parent based by default: a job whose submitter did not sample is not recorded).
 
@@ -114,48 +113,80 @@ fn tracer() -> opentelemetry::global::BoxedTracer {
     opentelemetry::global::tracer_provider().tracer("jobplane")
 }
 
-/// The `queued` span of a stay in QUEUED that ended at `now` in state `to`.
-pub(crate) fn queued(job: &Job, queued: &Queued, to: JobState, now: Timestamp) {
-    let Some(parent) = job.trace.as_deref().and_then(context_of) else {
-        return;
-    };
+/// A job left QUEUED at `now` for state `to`: opens the span of the attempt that waited
+/// (`attempt {queue}`, from when it began waiting, with a `waiting` event per reason) and, if it
+/// was dispatched (`to` is LEASED), adds the `dispatched` event and returns the open span with
+/// the context the worker gets. Otherwise (cancelled or expired while queued) the span ends now.
+pub(crate) fn left_queue(
+    job: &Job,
+    queued: &Queued,
+    to: JobState,
+    now: Timestamp,
+) -> Option<(Attempt, TraceContext)> {
+    let trace = job.trace.as_deref()?;
+    let parent = context_of(trace)?;
+    let dispatched = to == JobState::Leased;
     let mut attributes = job_attributes(job);
-    if to == JobState::Leased {
-        // The attempt the stay ended in.
-        attributes.push(KeyValue::new("jobplane.attempt", i64::from(job.attempt)));
-    }
-    attributes.push(KeyValue::new("jobplane.outcome", to.as_str()));
+    attributes.push(KeyValue::new("messaging.operation.type", "send"));
     if let Some((_, last)) = queued.reasons.last() {
         attributes.push(KeyValue::new("jobplane.waiting_for", last.clone()));
     }
+    attributes.push(KeyValue::new(
+        "jobplane.queued_ms",
+        now.since(queued.since).as_secs_f64() * 1e3,
+    ));
+    let mut events: Vec<opentelemetry::trace::Event> = queued
+        .reasons
+        .iter()
+        .map(|(at, reason)| {
+            opentelemetry::trace::Event::new(
+                "waiting",
+                time(*at),
+                vec![KeyValue::new("jobplane.waiting_for", reason.clone())],
+                0,
+            )
+        })
+        .collect();
+    if dispatched {
+        attributes.push(KeyValue::new("jobplane.attempt", i64::from(job.attempt)));
+        let mut at = Vec::new();
+        if let Some(w) = &job.worker_id {
+            attributes.push(KeyValue::new("jobplane.worker_id", w.0.to_string()));
+            at.push(KeyValue::new("jobplane.worker_id", w.0.to_string()));
+        }
+        if let Some(p) = &job.pool {
+            attributes.push(KeyValue::new("jobplane.pool", p.to_string()));
+            at.push(KeyValue::new("jobplane.pool", p.to_string()));
+        }
+        events.push(opentelemetry::trace::Event::new(
+            "dispatched",
+            time(now),
+            at,
+            0,
+        ));
+    }
     let tracer = tracer();
     let builder = tracer
-        .span_builder(format!("queued {}", job.queue))
-        .with_kind(SpanKind::Internal)
+        .span_builder(format!("attempt {}", job.queue))
+        .with_kind(SpanKind::Producer)
         .with_start_time(time(queued.since))
-        .with_attributes(attributes);
-    let builder = builder.with_events(
-        queued
-            .reasons
-            .iter()
-            .map(|(at, reason)| {
-                opentelemetry::trace::Event::new(
-                    "waiting",
-                    time(*at),
-                    vec![KeyValue::new("jobplane.waiting_for", reason.clone())],
-                    0,
-                )
-            })
-            .collect(),
-    );
+        .with_attributes(attributes)
+        .with_events(events);
     let mut span = tracer.build_with_context(builder, &parent);
+    if dispatched {
+        let sc = span.span_context().clone();
+        let worker_context = trace_context(&sc).unwrap_or_else(|| trace.clone());
+        return Some((Attempt { span }, worker_context));
+    }
+    span.set_attribute(KeyValue::new("jobplane.outcome", to.as_str()));
     if to == JobState::Expired {
         span.set_status(Status::error(error_text(job)));
     }
     span.end_with_timestamp(time(now));
+    None
 }
 
-/// The open span of an attempt: `dispatch {queue}`, from the hand-over to the end.
+/// The open span of a dispatched attempt, until the attempt ends.
 pub(crate) struct Attempt {
     span: BoxedSpan,
 }
@@ -164,36 +195,6 @@ impl std::fmt::Debug for Attempt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Attempt").finish_non_exhaustive()
     }
-}
-
-/// Opens the `dispatch` span of the attempt `job` was just handed. Returns it with the context
-/// the worker gets (the span's), or `None` when the job's trace is not valid.
-pub(crate) fn dispatch(job: &Job, now: Timestamp) -> Option<(Attempt, TraceContext)> {
-    let trace = job.trace.as_deref()?;
-    let parent = context_of(trace)?;
-    let span = attempt_span(job, now, &parent);
-    let sc = span.span_context().clone();
-    let worker_context = trace_context(&sc).unwrap_or_else(|| trace.clone());
-    Some((Attempt { span }, worker_context))
-}
-
-fn attempt_span(job: &Job, start: Timestamp, parent: &Context) -> BoxedSpan {
-    let mut attributes = job_attributes(job);
-    attributes.push(KeyValue::new("messaging.operation.type", "send"));
-    attributes.push(KeyValue::new("jobplane.attempt", i64::from(job.attempt)));
-    if let Some(w) = &job.worker_id {
-        attributes.push(KeyValue::new("jobplane.worker_id", w.0.to_string()));
-    }
-    if let Some(p) = &job.pool {
-        attributes.push(KeyValue::new("jobplane.pool", p.to_string()));
-    }
-    let tracer = tracer();
-    let builder = tracer
-        .span_builder(format!("dispatch {}", job.queue))
-        .with_kind(SpanKind::Producer)
-        .with_start_time(time(start))
-        .with_attributes(attributes);
-    tracer.build_with_context(builder, parent)
 }
 
 /// Ends an attempt's span at `now` with its outcome, state `to` (`failed`: by its own failure —
@@ -211,10 +212,26 @@ pub(crate) fn complete(
     let mut span = match attempt {
         Some(a) => a.span,
         None => {
+            // Dispatched before the service restarted: recorded from its start.
             let Some(parent) = job.trace.as_deref().and_then(context_of) else {
                 return;
             };
-            attempt_span(job, started.unwrap_or(now), &parent)
+            let mut attributes = job_attributes(job);
+            attributes.push(KeyValue::new("messaging.operation.type", "send"));
+            attributes.push(KeyValue::new("jobplane.attempt", i64::from(job.attempt)));
+            if let Some(w) = &job.worker_id {
+                attributes.push(KeyValue::new("jobplane.worker_id", w.0.to_string()));
+            }
+            if let Some(p) = &job.pool {
+                attributes.push(KeyValue::new("jobplane.pool", p.to_string()));
+            }
+            let tracer = tracer();
+            let builder = tracer
+                .span_builder(format!("attempt {}", job.queue))
+                .with_kind(SpanKind::Producer)
+                .with_start_time(time(started.unwrap_or(now)))
+                .with_attributes(attributes);
+            tracer.build_with_context(builder, &parent)
         }
     };
     if !span.is_recording() {
