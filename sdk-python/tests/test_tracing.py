@@ -284,13 +284,49 @@ def test_the_handler_runs_in_a_process_span_that_nests_its_spans(
     assert dict(fatal_span.attributes or {})["jobplane.outcome"] == "fatal"
     assert dict(fatal_span.attributes or {})["error.type"] == "Fatal"
 
-    # Rate limited: requeued without using a retry, so not an error; the exception is an event.
+    # Rate limited: the attempt failed (the job is requeued without using a retry).
     limited_first, limited_second = sorted(by_job[limited.id], key=lambda s: s.start_time or 0)
-    assert limited_first.status.status_code == StatusCode.UNSET
+    assert limited_first.status.status_code == StatusCode.ERROR
+    assert limited_first.status.description == "rate limited"
     assert dict(limited_first.attributes or {})["jobplane.outcome"] == "rate_limited"
     assert dict(limited_first.attributes or {})["jobplane.pool"] == "llm"
     assert [e.name for e in limited_first.events] == ["exception"]
     assert limited_second.status.status_code == StatusCode.UNSET
+    assert dict(limited_second.attributes or {})["jobplane.outcome"] == "succeeded"
+
+
+def test_a_clients_cancel_is_not_an_error_a_stop_without_one_is(
+    addr: str, spans: InMemorySpanExporter
+) -> None:
+    client = jobplane.Client(addr)
+    worker = jobplane.Worker(queues=["slow"], concurrency=2, addr=addr, shutdown_timeout=0.2)
+    started = {"cancel": threading.Event(), "shutdown": threading.Event()}
+
+    @worker.handler("slow")
+    def slow(ctx: jobplane.JobContext) -> None:
+        started[ctx.payload].set()
+        assert ctx.wait_cancelled(LONG)
+        raise RuntimeError("stopped")
+
+    t = run_worker(worker)
+    try:
+        cancelled = client.submit("slow", "cancel")
+        assert started["cancel"].wait(LONG)
+        assert client.cancel(cancelled.id, grace=LONG).outcome == "REQUESTED"
+        assert client.wait(cancelled.id, timeout=LONG).job.state == "CANCELLED"
+        stopped = client.submit("slow", "shutdown")
+        assert started["shutdown"].wait(LONG)
+    finally:
+        worker.stop()  # drains: the handler still running is stopped after the shutdown timeout
+        t.join(LONG)
+    by_job = {(s.attributes or {})["jobplane.job_id"]: s for s in named(spans, "process slow")}
+    cancel = by_job[cancelled.id]
+    assert dict(cancel.attributes or {})["jobplane.outcome"] == "cancelled"
+    assert cancel.status.status_code == StatusCode.UNSET
+    assert [e.name for e in cancel.events] == ["exception"]
+    shutdown = by_job[stopped.id]
+    assert dict(shutdown.attributes or {})["jobplane.outcome"] == "cancelled"
+    assert shutdown.status.status_code == StatusCode.ERROR
 
 
 def test_async_handlers_and_client_calls_in_handlers_nest_under_the_process_span(
@@ -337,7 +373,7 @@ def test_a_process_span_continues_the_attempts_context(spans: InMemorySpanExport
                 pass
             _tracing.set_outcome(span, "failed", ValueError("boom"), "ValueError: boom")
         with _tracing.process_span("q", "job-2", 1, None, "w-1", None) as root:
-            _tracing.set_outcome(root, "succeeded", None, "")
+            _tracing.set_outcome(root, "succeeded", None, None)
     first, second = sorted(named(spans, "process q"), key=lambda s: s.start_time or 0)
     assert hex_trace(first) == TRACE_ID
     assert first.parent is not None and first.parent.is_remote

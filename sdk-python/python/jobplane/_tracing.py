@@ -269,22 +269,18 @@ def process_span(
 
 
 def set_outcome(
-    span: Optional["Span"], outcome: str, exc: Optional[BaseException], message: str
+    span: Optional["Span"], outcome: str, exc: Optional[BaseException], error: Optional[str]
 ) -> None:
-    """Records how a handler ended on its span: ``jobplane.outcome``; status ERROR and the
-    exception for a failure (``failed``, ``fatal``, ``cancelled``). A rate-limited attempt is
-    not an error — it is requeued without using a retry — so its exception is recorded as an
-    event and the status stays unset."""
+    """Records how a handler ended on its span: ``jobplane.outcome``, the exception it raised
+    (an event), and, if the ending counts as an error (``error``: the status description),
+    status ERROR and ``error.type``."""
     if span is None:
         return
     from opentelemetry.trace import Status, StatusCode
 
     span.set_attribute("jobplane.outcome", outcome)
-    if outcome == "succeeded":
-        return
     if exc is not None:
         span.record_exception(exc)
-    if outcome == "rate_limited":
-        return
-    span.set_attribute("error.type", type(exc).__qualname__ if exc is not None else outcome)
-    span.set_status(Status(StatusCode.ERROR, message))
+    if error is not None:
+        span.set_attribute("error.type", type(exc).__qualname__ if exc is not None else outcome)
+        span.set_status(Status(StatusCode.ERROR, error))

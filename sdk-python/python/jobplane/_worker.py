@@ -142,19 +142,32 @@ class JobContext:
         self._n.report_usage(dict(units))
 
 
+# What a client's cancel says (`ctx.cancel_reason`); any other stop (a run timeout, the
+# worker's shutdown) is a failure of the attempt.
+_CLIENT_CANCEL = "CANCELLED"
+
+
 class _Outcome:
     """How a handler ended, as reported to the service: ``kind`` is ``succeeded``, ``failed``
-    (retryable), ``fatal``, ``rate_limited`` or ``cancelled``."""
+    (retryable), ``fatal``, ``rate_limited`` or ``cancelled``; ``error`` says why the ending
+    counts as an error on the handler's span (as in the Rust SDK: everything but a success
+    and a client's cancel), None if it does not."""
 
-    __slots__ = ("kind", "data", "message", "exc")
+    __slots__ = ("kind", "data", "message", "exc", "error")
 
     def __init__(
-        self, kind: str, data: bytes = b"", message: str = "", exc: Optional[BaseException] = None
+        self,
+        kind: str,
+        data: bytes = b"",
+        message: str = "",
+        exc: Optional[BaseException] = None,
+        error: Optional[str] = None,
     ) -> None:
         self.kind = kind
         self.data = data
         self.message = message
         self.exc = exc
+        self.error = error
 
     @classmethod
     def of(cls, ctx: JobContext, result: Any, exc: Optional[BaseException]) -> "_Outcome":
@@ -162,18 +175,26 @@ class _Outcome:
             try:
                 data = b"" if result is None else encode(result)
             except (TypeError, ValueError) as e:
-                return cls("fatal", message=f"the handler's result is neither bytes nor JSON-able: {e}")
+                msg = f"the handler's result is neither bytes nor JSON-able: {e}"
+                return cls("fatal", message=msg, error=msg)
             return cls("succeeded", data)
         if isinstance(exc, RateLimited):
-            return cls("rate_limited", message=str(exc), exc=exc)
+            pool = f" by pool {exc.pool}" if exc.pool else ""
+            return cls("rate_limited", message=str(exc), exc=exc, error=f"rate limited{pool}")
         if ctx.cancelled:
-            return cls("cancelled", message=f"cancelled: {ctx.cancel_reason or 'stop requested'}",
-                       exc=exc)
+            reason = ctx.cancel_reason
+            if reason == _CLIENT_CANCEL:
+                stopped = None
+            elif reason:
+                stopped = f"cancelled: {reason}"
+            else:
+                stopped = "cancelled without a cancel request from the service"
+            return cls("cancelled", exc=exc, error=stopped)
         if isinstance(exc, Fatal):
-            return cls("fatal", message=str(exc) or type(exc).__name__, exc=exc)
-        msg = str(exc)
-        return cls("failed", message=f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__,
-                   exc=exc)
+            msg = str(exc) or type(exc).__name__
+            return cls("fatal", message=msg, exc=exc, error=msg)
+        msg = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return cls("failed", message=msg, exc=exc, error=msg)
 
     def report(self, done: "_native.Done") -> None:
         if self.kind == "succeeded":
@@ -294,7 +315,7 @@ class Worker:
                 outcome = _Outcome.of(ctx, fn(ctx), None)
             except BaseException as e:  # noqa: BLE001 - every ending is reported
                 outcome = _Outcome.of(ctx, None, e)
-            _tracing.set_outcome(span, outcome.kind, outcome.exc, outcome.message)
+            _tracing.set_outcome(span, outcome.kind, outcome.exc, outcome.error)
         outcome.report(done)
 
     @staticmethod
@@ -305,7 +326,7 @@ class Worker:
                 outcome = _Outcome.of(ctx, await fn(ctx), None)
             except BaseException as e:  # noqa: BLE001
                 outcome = _Outcome.of(ctx, None, e)
-            _tracing.set_outcome(span, outcome.kind, outcome.exc, outcome.message)
+            _tracing.set_outcome(span, outcome.kind, outcome.exc, outcome.error)
         outcome.report(done)
 
     def stop(self) -> None:
