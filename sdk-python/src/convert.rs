@@ -52,7 +52,7 @@ fn secs(d: Option<Duration>) -> Option<f64> {
 
 /// A job spec from `{"queue", "payload", "priority", "idempotency_key", "timeout",
 /// "max_wait", "retries", "retry_policy", "scheduled_at", "labels", "pools", "cpu", "memory",
-/// "selector", "namespace", "traceparent"}`.
+/// "selector", "namespace", "traceparent", "tracestate"}`.
 pub(crate) fn spec(d: &Dict<'_>) -> PyResult<JobSpec> {
     let queue: String =
         get(d, "queue")?.ok_or_else(|| PyValueError::new_err("queue: is required"))?;
@@ -100,6 +100,7 @@ pub(crate) fn spec(d: &Dict<'_>) -> PyResult<JobSpec> {
         spec.selector = sel;
     }
     spec.traceparent = get(d, "traceparent")?;
+    spec.tracestate = get(d, "tracestate")?;
     Ok(spec)
 }
 
@@ -253,6 +254,8 @@ pub(crate) fn job<'py>(py: Python<'py>, j: &Job) -> PyResult<Bound<'py, PyDict>>
     d.set_item("memory", j.resources.memory_bytes)?;
     d.set_item("selector", &j.selector)?;
     d.set_item("pool", &j.pool)?;
+    d.set_item("traceparent", &j.traceparent)?;
+    d.set_item("tracestate", &j.tracestate)?;
     Ok(d)
 }
 

@@ -10,6 +10,8 @@
 //!   (see [`error_tuple`]). The Python side turns that into a `concurrent.futures.Future` (the
 //!   blocking client: waiting on it releases the GIL and is interruptible by Ctrl-C) or an
 //!   asyncio future (the asyncio client). The returned [`Task`] cancels the call.
+//! - Tracing is the Python side's: it makes the OpenTelemetry spans and passes each call the
+//!   W3C context to carry (a [`Trace`]), which the call's SDK requests send as metadata.
 //! - A worker's handler is a Python callable the runtime hands each attempt to (see
 //!   [`worker`]); the Python side runs it on a thread pool or an event loop and reports the
 //!   outcome through a [`worker::Done`].
@@ -18,6 +20,7 @@ use std::future::Future;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use jobplane::trace::TraceContext;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
@@ -92,16 +95,30 @@ impl Task {
     }
 }
 
-/// Starts `fut` on the runtime; `done(result, None)` or `done(None, error)` is called when it
-/// ends, with `convert` turning its value into a Python object.
-pub(crate) fn start<T, F, C>(done: Py<PyAny>, fut: F, convert: C) -> Task
+/// A W3C trace context from Python, `(traceparent, tracestate)`: the context a call carries
+/// to the service (the Python client span's, made by the `jobplane` package).
+pub(crate) type Trace = Option<(String, Option<String>)>;
+
+/// The Rust SDK's form of a [`Trace`].
+pub(crate) fn trace_context(trace: Trace) -> Option<TraceContext> {
+    trace.map(|(tp, ts)| TraceContext::new(tp).with_tracestate(ts.unwrap_or_default()))
+}
+
+/// Starts `fut` on the runtime, every SDK call in it carrying `trace`; `done(result, None)` or
+/// `done(None, error)` is called when it ends, with `convert` turning its value into a Python
+/// object.
+pub(crate) fn start<T, F, C>(done: Py<PyAny>, trace: Trace, fut: F, convert: C) -> Task
 where
     T: Send + 'static,
     F: Future<Output = Result<T, jobplane::Error>> + Send + 'static,
     C: FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
 {
+    let trace = trace_context(trace);
     let handle = runtime().spawn(async move {
-        let outcome = fut.await;
+        let outcome = match trace {
+            Some(trace) => trace.scope(fut).await,
+            None => fut.await,
+        };
         Python::attach(|py| {
             let args = match outcome.map(|v| convert(py, v)) {
                 Ok(Ok(value)) => (value, py.None()),

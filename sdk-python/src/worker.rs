@@ -124,6 +124,11 @@ impl NativeContext {
     }
 
     #[getter]
+    fn tracestate(&self) -> Option<&str> {
+        self.ctx.tracestate()
+    }
+
+    #[getter]
     fn cancelled(&self) -> bool {
         self.ctx.is_cancelled()
     }
@@ -302,6 +307,7 @@ impl NativeWorker {
         let stop = self.stop.clone();
         Ok(start(
             done,
+            None,
             async move { worker.run(stop.cancelled_owned()).await },
             |py, ()| Ok(py.None()),
         ))

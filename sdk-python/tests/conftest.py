@@ -8,7 +8,7 @@ import re
 import subprocess
 import threading
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Mapping, Optional
 
 import pytest
 
@@ -27,14 +27,22 @@ def jobplane_bin() -> str:
 
 
 class Server:
-    def __init__(self, tmp: Path) -> None:
-        env = dict(os.environ, RUST_LOG="info", NO_COLOR="1")
+    """A `jobplane serve` process; ``env`` adds to (or, with None values, removes from) the
+    environment it inherits."""
+
+    def __init__(self, tmp: Path, env: Optional[Mapping[str, Optional[str]]] = None) -> None:
+        environ = dict(os.environ, RUST_LOG="info", NO_COLOR="1")
+        for k, v in (env or {}).items():
+            if v is None:
+                environ.pop(k, None)
+            else:
+                environ[k] = v
         self.proc = subprocess.Popen(
             [jobplane_bin(), "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
              "--db", f"sqlite://{tmp / 'jobplane.db'}"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=environ,
             text=True,
         )
         self.lines: List[str] = []

@@ -70,6 +70,18 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Tracing
+//!
+//! Every client call runs in a client span (target [`trace::RPC_TARGET`]) whose W3C context goes
+//! to the service as `traceparent`/`tracestate` metadata, continuing the caller's trace (see
+//! [`trace`] for which context wins, and [`trace::TraceContext::scope`] for callers without
+//! `tracing` spans); waits link to the job's trace; a worker runs each handler in a
+//! `process {queue}` span that continues the attempt's context from the service
+//! ([`JobContext::span`]). Spans are `tracing` spans: with a `tracing-opentelemetry` layer they
+//! become OpenTelemetry spans. The `otlp` feature adds `jobplane::telemetry`: OTLP/gRPC export
+//! configured by the standard `OTEL_*` variables, as the service does it, and JSON logs that
+//! carry trace ids.
+//!
 //! # Errors
 //!
 //! Every call returns [`Error`], whose variants follow the gRPC status codes the service uses;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use jobplane::telemetry::Telemetry;
 use jobplane::worker::{HandlerError, JobContext};
 use jobplane::{Client, JobSpec, JobState};
-use jobplane_tests::{guard, ServerProcess};
+use jobplane_tests::{guard, jobplane_bin, ServerProcess, TestServer};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -506,4 +506,54 @@ async fn a_failed_attempt_is_an_error_in_the_workers_span() {
     worker.stop().await.unwrap();
     telemetry.shutdown().await;
     assert!(server.terminate().await, "graceful exit");
+}
+
+#[tokio::test]
+async fn the_cli_workers_command_continues_the_process_span() {
+    let (endpoint, received) = start_receiver().await;
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    // `jobplane worker`, exporting; its command prints the TRACEPARENT it was given as its
+    // result (the last line of its standard output).
+    let mut worker = tokio::process::Command::new(jobplane_bin());
+    for var in OTEL_VARS {
+        worker.env_remove(var);
+    }
+    let _worker = worker
+        .args([
+            "worker",
+            "traced",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$TRACEPARENT\"",
+        ])
+        .env("JOBPLANE_ADDR", &server.addr)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("OTEL_SERVICE_NAME", "cli-worker")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn jobplane worker");
+
+    let job = client.submit(JobSpec::new("traced")).await.unwrap().job;
+    let done = guard("the job", client.wait(&job.id, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(done.job.state, JobState::Succeeded);
+    let traceparent = String::from_utf8(done.job.result.unwrap().to_vec()).unwrap();
+
+    let mut spans = Collected::new(received);
+    spans.until(&[("cli-worker", "process traced")]).await;
+    let process = spans.one("cli-worker", "process traced");
+    assert_eq!(
+        attr(&process.attributes, "jobplane.job_id"),
+        Some(&string(&job.id))
+    );
+    assert_eq!(
+        traceparent.trim(),
+        format!("00-{}-{}-01", hex(&process.trace_id), hex(&process.span_id))
+    );
 }

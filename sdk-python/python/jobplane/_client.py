@@ -12,6 +12,7 @@ from typing import (
     Any,
     AsyncIterator,
     Callable,
+    ContextManager,
     Dict,
     Iterable,
     Iterator,
@@ -23,7 +24,7 @@ from typing import (
     Union,
 )
 
-from . import _native
+from . import _native, _tracing
 from ._errors import from_native
 from ._types import (
     CancelResult,
@@ -149,6 +150,41 @@ def _submitted(d: Mapping[str, Any]) -> Job:
     return Job._from(d["job"], created=d["created"])
 
 
+def _explicit(spec: Mapping[str, Any]) -> _tracing.Trace:
+    """The trace context a spec names explicitly, if any."""
+    tp = spec.get("traceparent")
+    return (tp, spec.get("tracestate")) if tp else None
+
+
+def _carry(specs: Sequence[Dict[str, Any]], trace: _tracing.Trace) -> None:
+    """Makes the submit span's context the one the specs carry: the job's trace continues from
+    it (a spec's explicit context is the span's parent)."""
+    if trace is not None:
+        for spec in specs:
+            spec["traceparent"], spec["tracestate"] = trace
+
+
+def _submit_attrs(specs: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    queues = {s["queue"] for s in specs}
+    namespaces = {s.get("namespace") for s in specs} - {None}
+    attrs: Dict[str, Any] = {
+        "messaging.system": "jobplane",
+        "messaging.operation.type": "send",
+    }
+    if len(queues) == 1:
+        (queue,) = queues
+        attrs["messaging.destination.name"] = attrs["jobplane.queue"] = queue
+    if len(namespaces) == 1:
+        (attrs["jobplane.namespace"],) = namespaces
+    return attrs
+
+
+def _on_jobs(c: _tracing.Call, jobs: Sequence[Job]) -> None:
+    if len(jobs) == 1:
+        c.set("jobplane.job_id", jobs[0].id)
+        c.set("messaging.message.id", jobs[0].id)
+
+
 _QUEUE_KEYS = {
     "max_concurrency",
     "default_timeout",
@@ -195,6 +231,47 @@ class _Base:
     def __init__(self, addr: Optional[str] = None, *, namespace: str = "default") -> None:
         self.addr = resolve_addr(addr)
         self._native = _native.NativeClient(self.addr, namespace)
+        self._attrs: Dict[str, Any] = {
+            **_tracing.server_attributes(self.addr),
+            "jobplane.namespace": namespace,
+        }
+
+    def _span(
+        self,
+        method: str,
+        attrs: Optional[Mapping[str, Any]] = None,
+        service: str = "JobService",
+        parent: _tracing.Trace = None,
+    ) -> ContextManager[_tracing.Call]:
+        """The CLIENT span of one call (see ``_tracing``)."""
+        return _tracing.client_call(service, method, {**self._attrs, **(attrs or {})}, parent)
+
+    def _submit_span(
+        self, specs: Sequence[Dict[str, Any]], batch: bool
+    ) -> ContextManager[_tracing.Call]:
+        attrs = _submit_attrs(specs)
+        if not batch:
+            return self._span("SubmitJob", attrs, parent=_explicit(specs[0]))
+        # A batch is one call, so it carries one context: the first explicit one (as in the
+        # Rust SDK).
+        parent = next((t for t in map(_explicit, specs) if t is not None), None)
+        attrs["messaging.batch.message_count"] = len(specs)
+        return self._span("SubmitJobs", attrs, parent=parent)
+
+    def _job_span(self, method: str, id: str) -> ContextManager[_tracing.Call]:
+        return self._span(method, {"jobplane.job_id": id, "messaging.message.id": id})
+
+    def _admin_span(
+        self, method: str, *, queue: Optional[str] = None, pool: Optional[str] = None
+    ) -> ContextManager[_tracing.Call]:
+        return self._span(method, {"jobplane.queue": queue, "jobplane.pool": pool}, "AdminService")
+
+    def _stream_span(self, method: str, id: str) -> _tracing.Call:
+        """The span of a stream, open until the stream ends (never current: the iterator's
+        consumer runs in between)."""
+        return _tracing.start_call("JobService", method, {
+            **self._attrs, "jobplane.job_id": id, "messaging.message.id": id,
+        })
 
     @property
     def namespace(self) -> str:
@@ -233,22 +310,37 @@ class Client(_Base):
         memory: Optional[int] = None,
         selector: Optional[Mapping[str, str]] = None,
         namespace: Optional[str] = None,
+        traceparent: Optional[str] = None,
+        tracestate: Optional[str] = None,
     ) -> Job:
         """Submits a job; returns it as committed (``job.created`` is False when an
-        idempotency key matched an existing job). ``namespace`` defaults to the client's."""
+        idempotency key matched an existing job). ``namespace`` defaults to the client's.
+        The job's trace continues the current span (``traceparent``/``tracestate``: another
+        W3C context to continue instead; see the README's Tracing)."""
         spec = _spec(queue, payload, priority, idempotency_key, timeout, max_wait, retries, pools,
                      dict(labels=labels, scheduled_at=scheduled_at, cpu=cpu, memory=memory,
-                          selector=selector, namespace=namespace))
-        return _submitted(call(lambda done: self._native.submit(spec, done)))
+                          selector=selector, namespace=namespace, traceparent=traceparent,
+                          tracestate=tracestate))
+        with self._submit_span([spec], batch=False) as c:
+            _carry([spec], c.trace)
+            job = _submitted(call(lambda done: self._native.submit(spec, done, c.trace)))
+            _on_jobs(c, [job])
+            return job
 
     def submit_batch(self, specs: Sequence[JobSpec]) -> List[Job]:
         """Submits jobs in one call: all are accepted, or none."""
         native = [s._native() for s in specs]
-        return [_submitted(d) for d in call(lambda done: self._native.submit_batch(native, done))]
+        with self._submit_span(native, batch=True) as c:
+            _carry(native, c.trace)
+            d = call(lambda done: self._native.submit_batch(native, done, c.trace))
+            jobs = [_submitted(j) for j in d]
+            _on_jobs(c, jobs)
+            return jobs
 
     def get(self, id: str) -> Job:
         """The job's current snapshot."""
-        return Job._from(call(lambda done: self._native.get(id, done)))
+        with self._job_span("GetJob", id) as c:
+            return Job._from(call(lambda done: self._native.get(id, done, c.trace)))
 
     def list(
         self,
@@ -262,7 +354,8 @@ class Client(_Base):
         """One page of jobs, newest first."""
         f = {"queue": queue, "states": _states(states), "labels": dict(labels or {}),
              "page_size": page_size, "page_token": page_token}
-        return JobPage._from(call(lambda done: self._native.list(f, done)))
+        with self._span("ListJobs", {"jobplane.queue": queue}) as c:
+            return JobPage._from(call(lambda done: self._native.list(f, done, c.trace)))
 
     def wait(
         self,
@@ -274,7 +367,10 @@ class Client(_Base):
         """Waits until the job reaches a terminal state (or one of ``until``), at most
         ``timeout`` seconds (``None``: without limit)."""
         t, u = _timeout(timeout), _states(until)
-        return WaitResult._from(call(lambda done: self._native.wait(id, t, u, done)))
+        with self._job_span("WaitJob", id) as c:
+            r = WaitResult._from(call(lambda done: self._native.wait(id, t, u, done, c.trace)))
+            _tracing.link_jobs(c, [r.job])
+            return r
 
     def wait_many(
         self,
@@ -287,26 +383,38 @@ class Client(_Base):
         """Waits until all (``mode="all"``) or any (``"any"``) of the jobs reach a terminal
         state (or one of ``until``), at most ``timeout`` seconds."""
         i, t, u = list(ids), _timeout(timeout), _states(until)
-        return WaitManyResult._from(call(lambda done: self._native.wait_many(i, mode, t, u, done)))
+        with self._span("WaitJobs") as c:
+            r = WaitManyResult._from(
+                call(lambda done: self._native.wait_many(i, mode, t, u, done, c.trace))
+            )
+            _tracing.link_jobs(c, [w.job for w in r.results])
+            return r
 
     def cancel(self, id: str, grace: Optional[Seconds] = None, *, reason: str = "") -> CancelResult:
         """Cancels a job: a queued one at once; a running one is asked to stop and is cancelled
         when it does or after ``grace`` seconds (default 10)."""
         g = seconds(grace, "grace")
-        d = call(lambda done: self._native.cancel(id, g, reason, done))
-        return CancelResult(Job._from(d["job"]), d["outcome"])
+        with self._job_span("CancelJob", id) as c:
+            d = call(lambda done: self._native.cancel(id, g, reason, done, c.trace))
+            return CancelResult(Job._from(d["job"]), d["outcome"])
 
     def watch(self, id: str, from_seq: int = 0) -> Iterator[Event]:
         """The job's events after ``from_seq`` (0: all), ending with its terminal state."""
-        w = self._native.watch(id, from_seq)
+        span = self._stream_span("WatchJob", id)
+        w = self._native.watch(id, from_seq, span.trace)
+        failed: Optional[BaseException] = None
         try:
             while True:
                 d = call(w.next)
                 if d is None:
                     return
                 yield Event._from(d)
+        except Exception as e:
+            failed = e
+            raise
         finally:
             w.close()
+            span.end(failed)
 
     # ---- administration
 
@@ -315,13 +423,16 @@ class Client(_Base):
         ``default_timeout``, ``default_retries`` (a count or a ``RetryPolicy``), ``max_depth``,
         ``paused``, ``default_max_wait``, ``reject_unplaceable``."""
         c = _queue_config(**config)
-        return dict(call(lambda done: self._native.configure_queue(name, c, done)))
+        with self._admin_span("ConfigureQueue", queue=name) as s:
+            return dict(call(lambda done: self._native.configure_queue(name, c, done, s.trace)))
 
     def list_queues(self) -> List[Dict[str, Any]]:
-        return list(call(self._native.list_queues))
+        with self._admin_span("ListQueues") as s:
+            return list(call(lambda done: self._native.list_queues(done, s.trace)))
 
     def list_workers(self) -> List[Dict[str, Any]]:
-        return list(call(self._native.list_workers))
+        with self._admin_span("ListWorkers") as s:
+            return list(call(lambda done: self._native.list_workers(done, s.trace)))
 
     def configure_pool(
         self,
@@ -335,16 +446,20 @@ class Client(_Base):
         """Creates a capacity pool or replaces its limits. ``rates``: dicts of ``unit``,
         ``amount``, ``per`` (seconds) and optional ``burst``."""
         c = _pool_config(max_units, rates, shared, weights)
-        return dict(call(lambda done: self._native.configure_pool(name, c, done)))
+        with self._admin_span("ConfigurePool", pool=name) as s:
+            return dict(call(lambda done: self._native.configure_pool(name, c, done, s.trace)))
 
     def get_pool(self, name: str) -> Dict[str, Any]:
-        return dict(call(lambda done: self._native.get_pool(name, done)))
+        with self._admin_span("GetPool", pool=name) as s:
+            return dict(call(lambda done: self._native.get_pool(name, done, s.trace)))
 
     def list_pools(self) -> List[Dict[str, Any]]:
-        return list(call(self._native.list_pools))
+        with self._admin_span("ListPools") as s:
+            return list(call(lambda done: self._native.list_pools(done, s.trace)))
 
     def delete_pool(self, name: str) -> None:
-        call(lambda done: self._native.delete_pool(name, done))
+        with self._admin_span("DeletePool", pool=name) as s:
+            call(lambda done: self._native.delete_pool(name, done, s.trace))
 
 
 class AsyncClient(_Base):
@@ -368,18 +483,31 @@ class AsyncClient(_Base):
         memory: Optional[int] = None,
         selector: Optional[Mapping[str, str]] = None,
         namespace: Optional[str] = None,
+        traceparent: Optional[str] = None,
+        tracestate: Optional[str] = None,
     ) -> Job:
         spec = _spec(queue, payload, priority, idempotency_key, timeout, max_wait, retries, pools,
                      dict(labels=labels, scheduled_at=scheduled_at, cpu=cpu, memory=memory,
-                          selector=selector, namespace=namespace))
-        return _submitted(await acall(lambda done: self._native.submit(spec, done)))
+                          selector=selector, namespace=namespace, traceparent=traceparent,
+                          tracestate=tracestate))
+        with self._submit_span([spec], batch=False) as c:
+            _carry([spec], c.trace)
+            job = _submitted(await acall(lambda done: self._native.submit(spec, done, c.trace)))
+            _on_jobs(c, [job])
+            return job
 
     async def submit_batch(self, specs: Sequence[JobSpec]) -> List[Job]:
         native = [s._native() for s in specs]
-        return [_submitted(d) for d in await acall(lambda done: self._native.submit_batch(native, done))]
+        with self._submit_span(native, batch=True) as c:
+            _carry(native, c.trace)
+            d = await acall(lambda done: self._native.submit_batch(native, done, c.trace))
+            jobs = [_submitted(j) for j in d]
+            _on_jobs(c, jobs)
+            return jobs
 
     async def get(self, id: str) -> Job:
-        return Job._from(await acall(lambda done: self._native.get(id, done)))
+        with self._job_span("GetJob", id) as c:
+            return Job._from(await acall(lambda done: self._native.get(id, done, c.trace)))
 
     async def list(
         self,
@@ -392,7 +520,8 @@ class AsyncClient(_Base):
     ) -> "JobPage":
         f = {"queue": queue, "states": _states(states), "labels": dict(labels or {}),
              "page_size": page_size, "page_token": page_token}
-        return JobPage._from(await acall(lambda done: self._native.list(f, done)))
+        with self._span("ListJobs", {"jobplane.queue": queue}) as c:
+            return JobPage._from(await acall(lambda done: self._native.list(f, done, c.trace)))
 
     async def wait(
         self,
@@ -402,7 +531,12 @@ class AsyncClient(_Base):
         until: Optional[Iterable[Union[JobState, str]]] = None,
     ) -> WaitResult:
         t, u = _timeout(timeout), _states(until)
-        return WaitResult._from(await acall(lambda done: self._native.wait(id, t, u, done)))
+        with self._job_span("WaitJob", id) as c:
+            r = WaitResult._from(
+                await acall(lambda done: self._native.wait(id, t, u, done, c.trace))
+            )
+            _tracing.link_jobs(c, [r.job])
+            return r
 
     async def wait_many(
         self,
@@ -413,37 +547,52 @@ class AsyncClient(_Base):
         until: Optional[Iterable[Union[JobState, str]]] = None,
     ) -> WaitManyResult:
         i, t, u = list(ids), _timeout(timeout), _states(until)
-        return WaitManyResult._from(
-            await acall(lambda done: self._native.wait_many(i, mode, t, u, done))
-        )
+        with self._span("WaitJobs") as c:
+            r = WaitManyResult._from(
+                await acall(lambda done: self._native.wait_many(i, mode, t, u, done, c.trace))
+            )
+            _tracing.link_jobs(c, [w.job for w in r.results])
+            return r
 
     async def cancel(
         self, id: str, grace: Optional[Seconds] = None, *, reason: str = ""
     ) -> CancelResult:
         g = seconds(grace, "grace")
-        d = await acall(lambda done: self._native.cancel(id, g, reason, done))
-        return CancelResult(Job._from(d["job"]), d["outcome"])
+        with self._job_span("CancelJob", id) as c:
+            d = await acall(lambda done: self._native.cancel(id, g, reason, done, c.trace))
+            return CancelResult(Job._from(d["job"]), d["outcome"])
 
     async def watch(self, id: str, from_seq: int = 0) -> AsyncIterator[Event]:
-        w = self._native.watch(id, from_seq)
+        span = self._stream_span("WatchJob", id)
+        w = self._native.watch(id, from_seq, span.trace)
+        failed: Optional[BaseException] = None
         try:
             while True:
                 d = await acall(w.next)
                 if d is None:
                     return
                 yield Event._from(d)
+        except Exception as e:
+            failed = e
+            raise
         finally:
             w.close()
+            span.end(failed)
 
     async def configure_queue(self, name: str, **config: Any) -> Dict[str, Any]:
         c = _queue_config(**config)
-        return dict(await acall(lambda done: self._native.configure_queue(name, c, done)))
+        with self._admin_span("ConfigureQueue", queue=name) as s:
+            return dict(
+                await acall(lambda done: self._native.configure_queue(name, c, done, s.trace))
+            )
 
     async def list_queues(self) -> List[Dict[str, Any]]:
-        return list(await acall(self._native.list_queues))
+        with self._admin_span("ListQueues") as s:
+            return list(await acall(lambda done: self._native.list_queues(done, s.trace)))
 
     async def list_workers(self) -> List[Dict[str, Any]]:
-        return list(await acall(self._native.list_workers))
+        with self._admin_span("ListWorkers") as s:
+            return list(await acall(lambda done: self._native.list_workers(done, s.trace)))
 
     async def configure_pool(
         self,
@@ -455,16 +604,22 @@ class AsyncClient(_Base):
         weights: Optional[Mapping[str, int]] = None,
     ) -> Dict[str, Any]:
         c = _pool_config(max_units, rates, shared, weights)
-        return dict(await acall(lambda done: self._native.configure_pool(name, c, done)))
+        with self._admin_span("ConfigurePool", pool=name) as s:
+            return dict(
+                await acall(lambda done: self._native.configure_pool(name, c, done, s.trace))
+            )
 
     async def get_pool(self, name: str) -> Dict[str, Any]:
-        return dict(await acall(lambda done: self._native.get_pool(name, done)))
+        with self._admin_span("GetPool", pool=name) as s:
+            return dict(await acall(lambda done: self._native.get_pool(name, done, s.trace)))
 
     async def list_pools(self) -> List[Dict[str, Any]]:
-        return list(await acall(self._native.list_pools))
+        with self._admin_span("ListPools") as s:
+            return list(await acall(lambda done: self._native.list_pools(done, s.trace)))
 
     async def delete_pool(self, name: str) -> None:
-        await acall(lambda done: self._native.delete_pool(name, done))
+        with self._admin_span("DeletePool", pool=name) as s:
+            await acall(lambda done: self._native.delete_pool(name, done, s.trace))
 
 
 class JobPage:

@@ -121,7 +121,8 @@ class RetryPolicy:
 
 class JobSpec:
     """A job to submit (``Client.submit_batch`` takes a list of them). ``payload`` is bytes,
-    or any JSON-able value (sent as JSON)."""
+    or any JSON-able value (sent as JSON). ``traceparent``/``tracestate``: a W3C trace context
+    the job's trace continues instead of the current span's (a batch carries the first one)."""
 
     def __init__(
         self,
@@ -140,6 +141,8 @@ class JobSpec:
         memory: Optional[int] = None,
         selector: Optional[Mapping[str, str]] = None,
         namespace: Optional[str] = None,
+        traceparent: Optional[str] = None,
+        tracestate: Optional[str] = None,
     ) -> None:
         self.queue = queue
         self.payload = payload
@@ -155,6 +158,8 @@ class JobSpec:
         self.memory = memory
         self.selector = dict(selector or {})
         self.namespace = namespace
+        self.traceparent = traceparent
+        self.tracestate = tracestate
 
     def __repr__(self) -> str:
         return f"JobSpec({self.queue!r}, payload={self.payload!r}, priority={self.priority})"
@@ -174,6 +179,8 @@ class JobSpec:
             "memory": self.memory,
             "selector": self.selector,
             "namespace": self.namespace,
+            "traceparent": self.traceparent,
+            "tracestate": self.tracestate,
         }
         if isinstance(self.retries, RetryPolicy):
             d["retry_policy"] = self.retries._native()
@@ -331,6 +338,17 @@ class Job:
     @property
     def pools(self) -> List[PoolRequest]:
         return [PoolRequest(p["pool"], p["units"], p["max_wait"]) for p in self._d["pools"]]
+
+    @property
+    def traceparent(self) -> Optional[str]:
+        """The W3C ``traceparent`` of the job's trace (the service span that accepted it), if
+        the job has one: what a ``wait`` span links to."""
+        return self._d.get("traceparent")
+
+    @property
+    def tracestate(self) -> Optional[str]:
+        """The W3C ``tracestate`` that came with the job's trace context, if any."""
+        return self._d.get("tracestate")
 
 
 @dataclass(frozen=True)

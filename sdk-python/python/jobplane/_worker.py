@@ -9,12 +9,15 @@ import concurrent.futures
 import inspect
 import signal
 import threading
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Mapping, Optional, Union
 
-from . import _native
+from . import _native, _tracing
 from ._client import acall, call, resolve_addr
 from ._errors import Fatal, RateLimited
 from ._types import Seconds, decode, encode, seconds
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 Handler = Callable[["JobContext"], Union[Any, Awaitable[Any]]]
 
@@ -24,6 +27,7 @@ class JobContext:
 
     def __init__(self, native: "_native.NativeContext") -> None:
         self._n = native
+        self._span: Optional["Span"] = None
 
     @property
     def job_id(self) -> str:
@@ -68,6 +72,23 @@ class JobContext:
     @property
     def worker_id(self) -> str:
         return self._n.worker_id
+
+    @property
+    def traceparent(self) -> Optional[str]:
+        """The W3C ``traceparent`` the service handed the attempt (its ``dispatch`` span in the
+        job's trace), if any: the parent of the handler's ``process {queue}`` span."""
+        return self._n.traceparent
+
+    @property
+    def tracestate(self) -> Optional[str]:
+        """The W3C ``tracestate`` that came with ``traceparent``, if any."""
+        return self._n.tracestate
+
+    @property
+    def span(self) -> Optional["Span"]:
+        """The handler's ``process {queue}`` span (current while the handler runs), or None
+        when OpenTelemetry is not installed."""
+        return self._span
 
     @property
     def cancelled(self) -> bool:
@@ -121,23 +142,76 @@ class JobContext:
         self._n.report_usage(dict(units))
 
 
-def _finish(ctx: JobContext, done: "_native.Done", result: Any, exc: Optional[BaseException]) -> None:
-    if exc is None:
-        try:
-            data = b"" if result is None else encode(result)
-        except (TypeError, ValueError) as e:
-            done.fail(f"the handler's result is neither bytes nor JSON-able: {e}", False)
-            return
-        done.ok(data)
-    elif isinstance(exc, RateLimited):
-        done.rate_limited(exc.retry_after, exc.pool)
-    elif ctx.cancelled:
-        done.cancelled()
-    elif isinstance(exc, Fatal):
-        done.fail(str(exc) or type(exc).__name__, False)
-    else:
-        msg = str(exc)
-        done.fail(f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__, True)
+# What a client's cancel says (`ctx.cancel_reason`); any other stop (a run timeout, the
+# worker's shutdown) is a failure of the attempt.
+_CLIENT_CANCEL = "CANCELLED"
+
+
+class _Outcome:
+    """How a handler ended, as reported to the service: ``kind`` is ``succeeded``, ``failed``
+    (retryable), ``fatal``, ``rate_limited`` or ``cancelled``; ``error`` says why the ending
+    counts as an error on the handler's span (as in the Rust SDK: everything but a success
+    and a client's cancel), None if it does not."""
+
+    __slots__ = ("kind", "data", "message", "exc", "error")
+
+    def __init__(
+        self,
+        kind: str,
+        data: bytes = b"",
+        message: str = "",
+        exc: Optional[BaseException] = None,
+        error: Optional[str] = None,
+    ) -> None:
+        self.kind = kind
+        self.data = data
+        self.message = message
+        self.exc = exc
+        self.error = error
+
+    @classmethod
+    def of(cls, ctx: JobContext, result: Any, exc: Optional[BaseException]) -> "_Outcome":
+        if exc is None:
+            try:
+                data = b"" if result is None else encode(result)
+            except (TypeError, ValueError) as e:
+                msg = f"the handler's result is neither bytes nor JSON-able: {e}"
+                return cls("fatal", message=msg, error=msg)
+            return cls("succeeded", data)
+        if isinstance(exc, RateLimited):
+            pool = f" by pool {exc.pool}" if exc.pool else ""
+            return cls("rate_limited", message=str(exc), exc=exc, error=f"rate limited{pool}")
+        if ctx.cancelled:
+            reason = ctx.cancel_reason
+            if reason == _CLIENT_CANCEL:
+                stopped = None
+            elif reason:
+                stopped = f"cancelled: {reason}"
+            else:
+                stopped = "cancelled without a cancel request from the service"
+            return cls("cancelled", exc=exc, error=stopped)
+        if isinstance(exc, Fatal):
+            msg = str(exc) or type(exc).__name__
+            return cls("fatal", message=msg, exc=exc, error=msg)
+        msg = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return cls("failed", message=msg, exc=exc, error=msg)
+
+    def report(self, done: "_native.Done") -> None:
+        if self.kind == "succeeded":
+            done.ok(self.data)
+        elif self.kind == "rate_limited":
+            assert isinstance(self.exc, RateLimited)
+            done.rate_limited(self.exc.retry_after, self.exc.pool)
+        elif self.kind == "cancelled":
+            done.cancelled()
+        else:
+            done.fail(self.message, self.kind == "failed")
+
+
+def _process_span(ctx: JobContext) -> Any:
+    n = ctx._n
+    parent = (n.traceparent, n.tracestate) if n.traceparent else None
+    return _tracing.process_span(n.queue, n.job_id, n.attempt, n.pool, n.worker_id, parent)
 
 
 class Worker:
@@ -229,23 +303,31 @@ class Worker:
             assert self._pool is not None
             self._pool.submit(self._run_sync, fn, ctx, done)
 
+    # The handler runs inside its `process {queue}` span, current on its thread (sync) or in its
+    # task (async) so that the user's spans nest under it; the span ends before the outcome is
+    # reported, inside the service's `dispatch` span that the report ends.
+
     @staticmethod
     def _run_sync(fn: Handler, ctx: JobContext, done: "_native.Done") -> None:
-        try:
-            result = fn(ctx)
-        except BaseException as e:  # noqa: BLE001 - every ending is reported
-            _finish(ctx, done, None, e)
-        else:
-            _finish(ctx, done, result, None)
+        with _process_span(ctx) as span:
+            ctx._span = span
+            try:
+                outcome = _Outcome.of(ctx, fn(ctx), None)
+            except BaseException as e:  # noqa: BLE001 - every ending is reported
+                outcome = _Outcome.of(ctx, None, e)
+            _tracing.set_outcome(span, outcome.kind, outcome.exc, outcome.error)
+        outcome.report(done)
 
     @staticmethod
     async def _run_async(fn: Handler, ctx: JobContext, done: "_native.Done") -> None:
-        try:
-            result = await fn(ctx)
-        except BaseException as e:  # noqa: BLE001
-            _finish(ctx, done, None, e)
-        else:
-            _finish(ctx, done, result, None)
+        with _process_span(ctx) as span:
+            ctx._span = span
+            try:
+                outcome = _Outcome.of(ctx, await fn(ctx), None)
+            except BaseException as e:  # noqa: BLE001
+                outcome = _Outcome.of(ctx, None, e)
+            _tracing.set_outcome(span, outcome.kind, outcome.exc, outcome.error)
+        outcome.report(done)
 
     def stop(self) -> None:
         """Starts a graceful shutdown: no new jobs; running handlers finish (or are cancelled

@@ -1,8 +1,10 @@
 //! `jobplane worker QUEUE... -- CMD [ARGS]`: a worker that runs a command once per job.
 //!
 //! The job's payload is the command's standard input; `JOBPLANE_JOB_ID`, `JOBPLANE_ATTEMPT`
-//! and `JOBPLANE_QUEUE` (and `TRACEPARENT` when the submitter sent one) are set in its
-//! environment, and `JOBPLANE_POOL` when the attempt runs on a capacity pool. Its standard
+//! and `JOBPLANE_QUEUE` are set in its environment, `TRACEPARENT` (and `TRACESTATE`) when the
+//! job has a trace (the context of the worker's `process {queue}` span while traces are
+//! exported, else the attempt's context from the service), and `JOBPLANE_POOL` when the attempt
+//! runs on a capacity pool. Its standard
 //! output and error are streamed as the job's output, in order. Three standard error lines are
 //! also understood (and still part of the output):
 //!
@@ -217,8 +219,11 @@ impl Handler for CommandHandler {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
-        if let Some(tp) = ctx.traceparent() {
-            command.env("TRACEPARENT", tp);
+        if let Some(trace) = ctx.trace_context() {
+            command.env("TRACEPARENT", trace.traceparent);
+            if let Some(ts) = trace.tracestate {
+                command.env("TRACESTATE", ts);
+            }
         }
         if let Some(pool) = ctx.pool() {
             command.env("JOBPLANE_POOL", pool);
