@@ -396,6 +396,7 @@ async fn a_jobs_life_is_traced_from_the_client_through_the_service_to_the_worker
             (SDK_SERVICE, "process thumbs"),
             (SDK_SERVICE, "resize"),
             (SDK_SERVICE, "jobplane.v1.JobService/WaitJob"),
+            (SERVER_SERVICE, "attempt thumbs"),
         ])
         .await;
     let checkout = spans.one(SDK_SERVICE, "checkout");
@@ -425,10 +426,22 @@ async fn a_jobs_life_is_traced_from_the_client_through_the_service_to_the_worker
     assert_eq!(accepted.kind, SpanKind::Server as i32);
     assert_eq!(hex(&accepted.trace_id), trace);
     assert_eq!(accepted.parent_span_id, submit.span_id);
+    // ... and the job's trace context is that span's.
+    let job_trace = format!("00-{trace}-{}-01", hex(&accepted.span_id));
+    assert_eq!(job.traceparent.as_deref(), Some(job_trace.as_str()));
+
+    // The service's span of the attempt is in the job's trace; its context is what the worker
+    // got.
+    let attempt = spans.one(SERVER_SERVICE, "attempt thumbs");
+    assert_eq!(attempt.kind, SpanKind::Producer as i32);
+    assert_eq!(hex(&attempt.trace_id), trace);
+    assert_eq!(attempt.parent_span_id, accepted.span_id);
 
     // The worker's span: a consumer span with the messaging attributes, the user's span in it.
     let process = spans.one(SDK_SERVICE, "process thumbs");
     assert_eq!(process.kind, SpanKind::Consumer as i32);
+    assert_eq!(hex(&process.trace_id), trace);
+    assert_eq!(process.parent_span_id, attempt.span_id);
     for (key, value) in [
         ("messaging.system", string("jobplane")),
         ("messaging.operation.type", string("process")),
@@ -452,13 +465,19 @@ async fn a_jobs_life_is_traced_from_the_client_through_the_service_to_the_worker
         format!("00-{}-{}-01", hex(&process.trace_id), hex(&process.span_id))
     );
 
-    // The wait, outside the caller's span, is a trace of its own.
+    // The wait, outside the caller's span, is a trace of its own, linked to the job's.
     let wait = spans
         .all(SDK_SERVICE, "jobplane.v1.JobService/WaitJob")
         .last()
         .unwrap();
     assert_eq!(wait.kind, SpanKind::Client as i32);
     assert_ne!(hex(&wait.trace_id), trace);
+    let links: Vec<_> = wait
+        .links
+        .iter()
+        .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
+        .collect();
+    assert_eq!(links, [(trace.clone(), hex(&accepted.span_id))]);
     assert_eq!(
         attr(&wait.attributes, "messaging.message.id"),
         Some(&string(&job.id))
@@ -493,11 +512,21 @@ async fn a_failed_attempt_is_an_error_in_the_workers_span() {
     assert_eq!(done.job.state, JobState::Failed);
 
     let mut spans = Collected::new(received);
-    spans.until(&[(SDK_SERVICE, "process broken")]).await;
+    spans
+        .until(&[
+            (SDK_SERVICE, "process broken"),
+            (SERVER_SERVICE, "attempt broken"),
+        ])
+        .await;
     let process = spans.one(SDK_SERVICE, "process broken");
     let status = process.status.as_ref().expect("a status");
     assert_eq!(status.code, StatusCode::Error as i32);
     assert_eq!(status.message, "no such image");
+    // The worker's failed span in the service's span of the failed attempt, both errors.
+    let attempt = spans.one(SERVER_SERVICE, "attempt broken");
+    assert_eq!(process.parent_span_id, attempt.span_id);
+    assert_eq!(attempt.trace_id, process.trace_id);
+    assert!(is_error(attempt));
     assert_eq!(
         attr(&process.attributes, "jobplane.job_id"),
         Some(&string(&job.id))
