@@ -148,7 +148,7 @@ impl JobContext {
     }
 
     /// The attempt's W3C `traceparent` as the service sent it (`Assignment.traceparent`): the
-    /// context of the service's `dispatch {queue}` span for this attempt, in the job's trace;
+    /// context of the service's `attempt {queue}` span for this attempt, in the job's trace;
     /// `None` when the job has no trace context. The worker's `process {queue}` span, in which
     /// the handler runs, is its child.
     pub fn traceparent(&self) -> Option<&str> {

@@ -963,7 +963,7 @@ fn failure(message: impl Into<String>, retryable: bool) -> pb::attempt_outcome::
 }
 
 /// The span one attempt's handler runs in: `process {queue}`, kind consumer, a child of the
-/// attempt's context from the service (the `dispatch {queue}` span) or a new root if it has
+/// attempt's context from the service (its `attempt {queue}` span) or a new root if it has
 /// none; never a child of whatever span the worker's run loop is in.
 fn process_span(a: &pb::Assignment) -> tracing::Span {
     let span = tracing::info_span!(
