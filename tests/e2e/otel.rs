@@ -21,6 +21,7 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use opentelemetry_proto::tonic::trace::v1::Span;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::Instrument as _;
@@ -538,18 +539,20 @@ async fn a_failed_attempt_is_an_error_in_the_workers_span() {
 }
 
 #[tokio::test]
-async fn the_cli_workers_command_continues_the_process_span() {
+async fn the_cli_workers_command_and_json_logs_continue_the_process_span() {
     let (endpoint, received) = start_receiver().await;
     let server = TestServer::start().await;
     let client = server.client().await;
-    // `jobplane worker`, exporting; its command prints the TRACEPARENT it was given as its
-    // result (the last line of its standard output).
+    // `jobplane worker`, exporting, logging JSON; its command prints the TRACEPARENT it was
+    // given as its result (the last line of its standard output).
     let mut worker = tokio::process::Command::new(jobplane_bin());
     for var in OTEL_VARS {
         worker.env_remove(var);
     }
-    let _worker = worker
+    let mut worker = worker
         .args([
+            "--log-format",
+            "json",
             "worker",
             "traced",
             "--",
@@ -561,11 +564,13 @@ async fn the_cli_workers_command_continues_the_process_span() {
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .env("OTEL_SERVICE_NAME", "cli-worker")
+        .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn jobplane worker");
+    let mut logs = BufReader::new(worker.stderr.take().unwrap()).lines();
 
     let job = client.submit(JobSpec::new("traced")).await.unwrap().job;
     let done = guard("the job", client.wait(&job.id, Duration::from_secs(20)))
@@ -585,4 +590,26 @@ async fn the_cli_workers_command_continues_the_process_span() {
         traceparent.trim(),
         format!("00-{}-{}-01", hex(&process.trace_id), hex(&process.span_id))
     );
+
+    // Log lines inside the handler carry the process span's ids; those outside any span, none.
+    let mut lines = vec![];
+    let succeeded = guard("the worker's `job succeeded` line", async {
+        loop {
+            let line = logs.next_line().await.unwrap().expect("worker running");
+            let line: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            if line["fields"]["message"] == "job succeeded" {
+                return line;
+            }
+            lines.push(line);
+        }
+    })
+    .await;
+    assert_eq!(succeeded["trace_id"], hex(&process.trace_id));
+    assert_eq!(succeeded["span_id"], hex(&process.span_id));
+    let running = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "running")
+        .expect("the worker's first line");
+    assert!(running.get("trace_id").is_none(), "{running}");
 }
