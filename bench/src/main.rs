@@ -259,7 +259,6 @@ async fn run(
     args: Args,
     receiver: Option<(otlp::Receiver, std::net::TcpListener)>,
 ) -> anyhow::Result<()> {
-    use tracing_subscriber::filter::FilterExt as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::Layer as _;
@@ -277,13 +276,7 @@ async fn run(
                 jobplane_server::telemetry::Telemetry::from_env("jobplane-bench")?;
             let layer = layer.context("trace export is configured")?;
             tracing_subscriber::registry()
-                .with(layer.with_filter(
-                    // As the service binary: spans and events at INFO, but not the state
-                    // change log lines (logs, not trace data).
-                    tracing_subscriber::filter::LevelFilter::INFO.and(
-                        tracing_subscriber::filter::filter_fn(|m| m.target() != "jobplane::job"),
-                    ),
-                ))
+                .with(layer.with_filter(jobplane_server::telemetry::export_filter()))
                 .init();
             Some(telemetry)
         }

@@ -7,8 +7,10 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use jobplane_server::telemetry::{json_logs, Telemetry, DEFAULT_SERVICE_NAME, EXPORT_TARGET};
-use tracing_subscriber::filter::{filter_fn, FilterExt, LevelFilter};
+use jobplane_server::telemetry::{
+    export_filter, json_logs, Telemetry, DEFAULT_SERVICE_NAME, EXPORT_TARGET,
+};
+use tracing_subscriber::filter::{filter_fn, FilterExt};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -32,7 +34,7 @@ async fn main() -> ExitCode {
             .boxed(),
     };
     let (telemetry, export) = match Telemetry::from_env(DEFAULT_SERVICE_NAME) {
-        Ok((t, layer)) => (Some(t), layer.map(|l| l.with_filter(LevelFilter::INFO))),
+        Ok((t, layer)) => (Some(t), layer.map(|l| l.with_filter(export_filter()))),
         Err(e) => {
             eprintln!("jobplane: trace export disabled: {e}");
             (None, None)

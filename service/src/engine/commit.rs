@@ -17,6 +17,7 @@ use super::EngineError;
 use super::ToWorker;
 use crate::metrics::Metrics;
 use crate::store::{Store, Write};
+use crate::telemetry::JOB_LOG_TARGET;
 
 /// Writes to commit together and what to do once they are.
 #[derive(Default)]
@@ -195,9 +196,15 @@ async fn run(
 /// from→to, attempt, and the error of a failure.
 fn log_state_changes(job: Option<&Job>, events: &[Arc<Event>]) {
     let Some(job) = job else { return };
-    if !tracing::enabled!(target: "jobplane::job", tracing::Level::INFO) {
+    if !tracing::enabled!(target: JOB_LOG_TARGET, tracing::Level::INFO) {
         return;
     }
+    // The job's trace, to find its spans from the line (`00-<trace id>-<span id>-<flags>`).
+    let trace_id = job
+        .trace
+        .as_ref()
+        .and_then(|t| t.traceparent.get(3..35))
+        .unwrap_or("");
     for e in events {
         if let EventKind::State {
             from,
@@ -210,15 +217,15 @@ fn log_state_changes(job: Option<&Job>, events: &[Arc<Event>]) {
             let from = from.map_or("NEW", |f| f.as_str());
             match error {
                 Some(err) => tracing::info!(
-                    target: "jobplane::job",
+                    target: JOB_LOG_TARGET,
                     job = %job.id, queue = %job.queue, namespace = %job.namespace,
-                    from, to = to.as_str(), attempt, error = %err.reason,
+                    from, to = to.as_str(), attempt, error = %err.reason, job_trace_id = trace_id,
                     "job {from}→{}", to.as_str()
                 ),
                 None => tracing::info!(
-                    target: "jobplane::job",
+                    target: JOB_LOG_TARGET,
                     job = %job.id, queue = %job.queue, namespace = %job.namespace,
-                    from, to = to.as_str(), attempt,
+                    from, to = to.as_str(), attempt, job_trace_id = trace_id,
                     "job {from}→{}", to.as_str()
                 ),
             }
@@ -263,7 +270,10 @@ mod tests {
             retry_policy: None,
             scheduled_at: None,
             demand: Default::default(),
-            trace: None,
+            trace: Some(Arc::new(crate::engine::model::TraceContext {
+                traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+                tracestate: String::new(),
+            })),
         };
         core.submit(vec![spec], Timestamp::now(), &mut out).unwrap();
         let buffer = Buffer::default();
@@ -293,5 +303,6 @@ mod tests {
         assert_eq!(f["queue"], "mail");
         assert_eq!(f["attempt"], 0);
         assert!(f["job"].as_str().is_some_and(|j| j.len() == 36));
+        assert_eq!(f["job_trace_id"], "0af7651916cd43dd8448eb211c80319c");
     }
 }
