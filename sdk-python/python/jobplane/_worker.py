@@ -75,8 +75,9 @@ class JobContext:
 
     @property
     def traceparent(self) -> Optional[str]:
-        """The W3C ``traceparent`` the service handed the attempt (its ``dispatch`` span in the
-        job's trace), if any: the parent of the handler's ``process {queue}`` span."""
+        """The W3C ``traceparent`` the service handed the attempt (its ``attempt {queue}`` span
+        in the job's trace, or the submitter's context), if any: the parent of the handler's
+        ``process {queue}`` span."""
         return self._n.traceparent
 
     @property
@@ -305,7 +306,7 @@ class Worker:
 
     # The handler runs inside its `process {queue}` span, current on its thread (sync) or in its
     # task (async) so that the user's spans nest under it; the span ends before the outcome is
-    # reported, inside the service's `dispatch` span that the report ends.
+    # reported, inside the service's `attempt` span that the report ends.
 
     @staticmethod
     def _run_sync(fn: Handler, ctx: JobContext, done: "_native.Done") -> None:
