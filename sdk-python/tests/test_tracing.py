@@ -690,6 +690,9 @@ def test_e2e_one_trace_for_the_jobs_life(otlp: Scenario) -> None:
         == sorted((s.trace_id, s.span_id) for s in servers.values())
     wait = otlp.one("jobplane.v1.JobService/WaitJob", "shop")
     assert [link.span_id.hex() for link in wait.span.links] == [servers[otlp.ok].span_id]
+    # Calls other than submits carry their span too: the service's spans are their children.
+    for client in (wait, wait_many):
+        assert [s for s in otlp.named(client.name, "jobplane") if s.parent_id == client.span_id]
 
 
 # ---- without OpenTelemetry ----------------------------------------------------------------
