@@ -264,7 +264,8 @@ def test_the_handler_runs_in_a_process_span_that_nests_its_spans(
             assert attrs["jobplane.worker_id"] == seen[kind]["worker_id"]
         # The handler's own span nests under the process span; ctx.span is that span.
         last = attempts[-1]
-        user = [u for u in named(spans, f"user {kind}") if u.context.trace_id == last.context.trace_id]
+        user = [u for u in named(spans, f"user {kind}")
+                if u.context.trace_id == last.context.trace_id]
         assert user and all(u.parent is not None for u in user)
         assert last.context.span_id in {u.parent.span_id for u in user if u.parent}
         assert seen[kind]["span"].get_span_context().span_id == last.context.span_id

@@ -17,7 +17,6 @@ from typing import (
     Dict,
     Iterable,
     Iterator,
-    List,
     Mapping,
     Optional,
     Tuple,
@@ -58,7 +57,9 @@ _GRPC_CODES = {
 }
 
 _tracer: Optional["Tracer"] = None
-_propagator: Any = None if TraceContextTextMapPropagator is None else TraceContextTextMapPropagator()
+_propagator: Any = (
+    None if TraceContextTextMapPropagator is None else TraceContextTextMapPropagator()
+)
 
 
 def tracer() -> "Tracer":
@@ -112,8 +113,8 @@ def record_error(span: "Span", exc: BaseException) -> None:
     if code is not None and code in _GRPC_CODES:
         span.set_attribute("rpc.grpc.status_code", _GRPC_CODES[code])
     span.set_attribute("error.type", code or type(exc).__qualname__)
-    msg = str(exc)
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__))
+    name, msg = type(exc).__name__, str(exc)
+    span.set_status(Status(StatusCode.ERROR, f"{name}: {msg}" if msg else name))
 
 
 class Call:
@@ -140,7 +141,8 @@ class Call:
             self.span.add_link(linked, {"jobplane.job_id": job_id})
 
     def end(self, exc: Optional[BaseException] = None) -> None:
-        """Ends a span started with ``start_call`` (not one of ``client_call``)."""
+        """Ends the span, failed by ``exc`` if given (``client_call`` ends its own; the caller
+        of ``start_call`` ends that one)."""
         if self.span is None:
             return
         if exc is None:
