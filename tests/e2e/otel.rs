@@ -209,10 +209,15 @@ async fn nothing_is_exported_when_the_variables_are_unset() {
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start_with_env(dir.path(), &env(&[])).await;
     let client = Client::connect(&server.addr).await.unwrap();
-    client
-        .submit(JobSpec::new("otel").traceparent(format!("00-{TRACE_ID}-{PARENT_SPAN_ID}-01")))
+    let caller = format!("00-{TRACE_ID}-{PARENT_SPAN_ID}-01");
+    let submitted = client
+        .submit(JobSpec::new("otel").traceparent(caller.clone()))
         .await
         .unwrap();
+    // Not exporting, the service keeps the caller's context as the job's trace.
+    assert_eq!(submitted.job.traceparent.as_deref(), Some(caller.as_str()));
+    let got = client.get(&submitted.job.id).await.unwrap();
+    assert_eq!(got.traceparent.as_deref(), Some(caller.as_str()));
     // A graceful exit flushes an exporter if there is one: after it, nothing can still come.
     assert!(server.terminate().await, "graceful exit");
     assert!(received.try_recv().is_err(), "no span may be exported");

@@ -126,12 +126,14 @@ where
 /// traces are exported, else the caller's from the request metadata (so a worker still
 /// continues the submitter's trace), else none.
 pub(crate) fn job_trace(meta: &MetadataMap) -> Option<Arc<TraceContext>> {
+    // A span that is not disabled may still have no OpenTelemetry context (another layer
+    // enabled it): then the caller's is kept.
     let call = Span::current();
-    let cx = if call.is_disabled() {
-        TraceContextPropagator::new().extract(&MetadataExtractor(meta))
-    } else {
-        call.context()
-    };
+    let exported = (!call.is_disabled())
+        .then(|| call.context())
+        .filter(|cx| cx.span().span_context().is_valid());
+    let cx =
+        exported.unwrap_or_else(|| TraceContextPropagator::new().extract(&MetadataExtractor(meta)));
     spans::trace_context(cx.span().span_context()).map(Arc::new)
 }
 
