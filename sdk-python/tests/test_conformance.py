@@ -143,6 +143,7 @@ class Book:
         self.fired: Set[str] = set()
         self.waiters: Dict[str, List[threading.Event]] = {}
         self.starts: List[str] = []
+        self.started = threading.Condition(self.lock)
         self.running: Dict[str, int] = {}
         self.peak: Dict[str, int] = {}
 
@@ -162,6 +163,7 @@ class Book:
         q = ctx.queue
         with self.lock:
             self.starts.append(ctx.job_id)
+            self.started.notify_all()
             self.running[q] = self.running.get(q, 0) + 1
             self.peak[q] = max(self.peak.get(q, 0), self.running[q])
         try:
@@ -169,6 +171,11 @@ class Book:
         finally:
             with self.lock:
                 self.running[q] -= 1
+
+    def wait_started(self, ids: List[str], timeout: float) -> bool:
+        """Waits until the handlers of every job in `ids` have started."""
+        with self.started:
+            return self.started.wait_for(lambda: all(i in self.starts for i in ids), timeout)
 
     def behave(self, ctx: jobplane.JobContext) -> Any:
         raw = ctx.payload_bytes
@@ -584,6 +591,7 @@ class Run:
             id, timeout, until=b.get("until")))
         if w is None:
             return
+        self.handlers_started(b.get("until"), [w.job], what)
         exp = dict(b.get("expect") or {})
         reached = exp.pop("reached", True)
         if w.reached != reached:
@@ -591,11 +599,21 @@ class Run:
                  f"waiting_for {w.job.waiting_for}, error {w.job.error})")
         self.check_job(w.job, exp, what)
 
+    def handlers_started(self, until: Any, jobs: List[jobplane.Job], what: str) -> None:
+        """After a wait for RUNNING: the handlers of the jobs found RUNNING have started too (the
+        service marks RUNNING when the worker acknowledges, just before the handler begins)."""
+        if "RUNNING" not in (until or []):
+            return
+        ids = [j.id for j in jobs if j.state == jobplane.JobState.RUNNING]
+        if not self.book.wait_started(ids, GUARD):
+            fail(f"{what}: handlers of {ids} did not start within {GUARD}s")
+
     def do_wait_many(self, b: Any, what: str) -> None:
         keys(b, what, ["jobs", "mode", "until", "timeout", "expect"], ["jobs", "mode"])
         ids = [self.job_id({"job": n}, what) for n in b["jobs"]]
         timeout = duration(b["timeout"], "timeout") if "timeout" in b else DEFAULT_WAIT
         r = self.client().wait_many(ids, timeout, b["mode"], until=b.get("until"))
+        self.handlers_started(b.get("until"), [x.job for x in r.results], what)
         exp = keys(dict(b.get("expect") or {}), f"{what}: expect",
                    ["reached", "reached_count", "each", "jobs"])
         if r.reached != exp.get("reached", True):

@@ -22,6 +22,8 @@ pub struct Start {
 pub struct Shared {
     signals: Mutex<HashMap<String, watch::Sender<bool>>>,
     starts: Mutex<Vec<Start>>,
+    /// Bumped at every handler start, for [`Shared::started`].
+    started_tx: watch::Sender<usize>,
     /// Per queue: handlers running now, and the most that ever ran at once.
     running: Mutex<HashMap<String, (usize, usize)>>,
 }
@@ -58,6 +60,21 @@ impl Shared {
         self.starts.lock().expect("starts").clone()
     }
 
+    /// Waits until the handlers of every job in `ids` have started (the service marks a job
+    /// RUNNING when its worker acknowledges it, a moment before the handler is invoked).
+    pub async fn started(&self, ids: &[String]) {
+        let mut rx = self.started_tx.subscribe();
+        loop {
+            let all = {
+                let starts = self.starts.lock().expect("starts");
+                ids.iter().all(|id| starts.iter().any(|s| &s.job_id == id))
+            };
+            if all || rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// The most handlers of `queue` that ran at once.
     pub fn peak(&self, queue: &str) -> usize {
         self.running
@@ -71,6 +88,7 @@ impl Shared {
         self.starts.lock().expect("starts").push(Start {
             job_id: ctx.job_id().to_owned(),
         });
+        self.started_tx.send_modify(|n| *n += 1);
         let mut running = self.running.lock().expect("running");
         let (now, peak) = running.entry(ctx.queue().to_owned()).or_default();
         *now += 1;

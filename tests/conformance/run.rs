@@ -410,6 +410,8 @@ impl Runner {
         let Some(w) = expect_outcome(answer, &s.expect_error)? else {
             return Ok(());
         };
+        self.handlers_started(&s.until, std::slice::from_ref(&w.job))
+            .await?;
         let mut exp = s.expect.clone().unwrap_or_default();
         exp.reached.get_or_insert(true);
         self.check_job(
@@ -420,6 +422,21 @@ impl Runner {
                 ..Extras::default()
             },
         )
+    }
+
+    /// After a wait for RUNNING: the handlers of the jobs found RUNNING have started too (the
+    /// service marks RUNNING when the worker acknowledges, just before the handler begins), so
+    /// that what a scenario does next (e.g. release them) finds them in their handlers.
+    async fn handlers_started(&self, until: &[String], jobs: &[Job]) -> Result<()> {
+        if !until.iter().any(|s| s == "RUNNING") {
+            return Ok(());
+        }
+        let running: Vec<String> = jobs
+            .iter()
+            .filter(|j| j.state == JobState::Running)
+            .map(|j| j.id.clone())
+            .collect();
+        guard("handlers to start", self.shared.started(&running)).await
     }
 
     async fn wait_many(&mut self, s: &schema::WaitMany) -> Result<()> {
@@ -437,6 +454,8 @@ impl Runner {
             .timeout(s.timeout.map_or(DEFAULT_WAIT, |d| d.0))
             .until(states(&s.until)?);
         let r = guard("wait_many", self.client.wait_many(ids, mode, options)).await??;
+        let jobs: Vec<_> = r.results.iter().map(|w| w.job.clone()).collect();
+        self.handlers_started(&s.until, &jobs).await?;
         let exp = s.expect.clone().unwrap_or_default();
         let mut m = Mismatches::default();
         m.eq("reached", Some(exp.reached.unwrap_or(true)), r.reached);
