@@ -14,7 +14,28 @@ use crate::engine::model::{
     QueueKey, Timestamp,
 };
 
+pub mod postgres;
 pub mod sqlite;
+
+/// The number of columns in [`JOB_COLUMNS`].
+pub(crate) const fn job_column_count() -> usize {
+    let bytes = JOB_COLUMNS.as_bytes();
+    let mut n = 1;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b',' {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+}
+
+/// The columns of a job row, in the order every backend binds and reads them.
+pub(crate) const JOB_COLUMNS: &str = "id, namespace, queue, payload, labels, priority, idempotency_key, \
+    state, attempt, retries_used, retry_policy, run_timeout_us, max_wait_us, result, \
+    error_reason, error_message, waiting_for, progress, worker_id, cancel_requested, created_at, \
+    scheduled_at, started_at, finished_at, updated_at, last_seq, version, output_bytes, demand, pool, traceparent, tracestate";
 
 /// A store failure, classified so the engine never inspects a driver error.
 #[derive(Debug, thiserror::Error)]
@@ -136,13 +157,16 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 }
 
-/// Opens the store named by a URL: `sqlite://PATH` (created if missing) or `sqlite::memory:`.
+/// Opens the store named by a URL: `sqlite://PATH` (created if missing), `sqlite::memory:`, or
+/// `postgres://…` / `postgresql://…` (see [`postgres::PostgresStore::open`] for its parameters).
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(postgres::PostgresStore::open(url).await?))
     } else {
         Err(StoreError::Config(format!(
-            "unsupported database URL {url:?}: expected sqlite://PATH"
+            "unsupported database URL {url:?}: expected sqlite://PATH or postgres://HOST/DATABASE"
         )))
     }
 }

@@ -19,7 +19,7 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
-use super::{Recovered, Store, StoreError, Write};
+use super::{job_column_count, Recovered, Store, StoreError, Write, JOB_COLUMNS};
 use crate::engine::model::{
     Event, EventKind, IdempotencyRecord, Job, JobError, JobFilter, JobId, JobState, Name,
     PoolConfig, PoolKey, QueueConfig, QueueKey, Timestamp, TraceContext, WorkerId,
@@ -35,25 +35,6 @@ const MAX_BINDS: usize = 32_766;
 /// transaction: each statement is a round trip to sqlx's SQLite thread, which costs more than
 /// parsing a statement text the cache has not seen.
 const ROWS_PER_STATEMENT: usize = MAX_BINDS / job_column_count();
-
-/// The number of columns in [`JOB_COLUMNS`].
-const fn job_column_count() -> usize {
-    let bytes = JOB_COLUMNS.as_bytes();
-    let mut n = 1;
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b',' {
-            n += 1;
-        }
-        i += 1;
-    }
-    n
-}
-
-const JOB_COLUMNS: &str = "id, namespace, queue, payload, labels, priority, idempotency_key, \
-    state, attempt, retries_used, retry_policy, run_timeout_us, max_wait_us, result, \
-    error_reason, error_message, waiting_for, progress, worker_id, cancel_requested, created_at, \
-    scheduled_at, started_at, finished_at, updated_at, last_seq, version, output_bytes, demand, pool, traceparent, tracestate";
 
 /// The SQLite store.
 pub struct SqliteStore {

@@ -1,5 +1,5 @@
-//! The storage test suite: every backend runs these same tests (see the `#[tokio::test]`s at the
-//! bottom for SQLite). A new backend adds one line per test that opens it.
+//! The storage test suite: every backend runs these same tests (the modules at the bottom: one
+//! per backend, each opening a fresh database per test; [`all_tests!`] lists the tests once).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -533,6 +533,25 @@ pub async fn prune_finished_jobs(store: Arc<dyn Store>) {
     assert_eq!(store.prune_finished(cutoff, 100).await.unwrap(), 0);
 }
 
+/// Calls the backend's test macro with every test of the suite.
+macro_rules! all_tests {
+    ($backend_tests:ident) => {
+        $backend_tests!(
+            round_trip,
+            demand_and_pool_round_trip,
+            pools_are_kept,
+            guarded_update,
+            batch_is_atomic,
+            insert_and_updates_in_one_batch,
+            a_large_batch_commits,
+            events_page_in_order,
+            list_filters_and_pages,
+            recover_active_state,
+            prune_finished_jobs,
+        );
+    };
+}
+
 mod sqlite {
     use super::*;
 
@@ -553,19 +572,7 @@ mod sqlite {
         )*};
     }
 
-    backend_tests!(
-        round_trip,
-        demand_and_pool_round_trip,
-        pools_are_kept,
-        guarded_update,
-        batch_is_atomic,
-        insert_and_updates_in_one_batch,
-        a_large_batch_commits,
-        events_page_in_order,
-        list_filters_and_pages,
-        recover_active_state,
-        prune_finished_jobs,
-    );
+    all_tests!(backend_tests);
 
     #[tokio::test]
     async fn rejects_other_urls() {
@@ -573,5 +580,137 @@ mod sqlite {
             crate::store::open("mysql://x").await.err(),
             Some(StoreError::Config(_))
         ));
+    }
+}
+
+/// PostgreSQL: each test gets a schema of its own (`search_path`), dropped afterwards. The server
+/// is `JOBPLANE_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/test`). When it cannot
+/// be reached the tests say so and pass, except under `CI=true`, where they fail.
+pub(crate) mod postgres {
+    use std::future::Future;
+    use std::panic::AssertUnwindSafe;
+    use std::time::Duration;
+
+    use futures::FutureExt;
+    use sqlx::{Connection, Executor, PgConnection};
+
+    use super::*;
+
+    fn server() -> String {
+        std::env::var("JOBPLANE_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    }
+
+    /// Runs `test` with the URL of a fresh schema, then drops the schema (also when it panics).
+    /// Returns without running it when no server is reachable, outside CI.
+    pub(crate) async fn with_schema<F, Fut>(test: F)
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let server = server();
+        let connect = tokio::time::timeout(Duration::from_secs(5), PgConnection::connect(&server));
+        let mut admin = match connect.await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return unreachable(&server, &e.to_string()),
+            Err(_) => return unreachable(&server, "no answer within 5s"),
+        };
+        let schema = format!("jp_test_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .execute(format!("CREATE SCHEMA {schema}").as_str())
+            .await
+            .unwrap();
+        let sep = if server.contains('?') { '&' } else { '?' };
+        let url = format!("{server}{sep}options[search_path]={schema}");
+        let outcome = AssertUnwindSafe(test(url)).catch_unwind().await;
+        admin
+            .execute(format!("DROP SCHEMA {schema} CASCADE").as_str())
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    fn unreachable(server: &str, why: &str) {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("PostgreSQL at {server} is unreachable under CI=true: {why}");
+        }
+        eprintln!("skipping: no PostgreSQL at {server} ({why}); set JOBPLANE_TEST_POSTGRES");
+    }
+
+    macro_rules! backend_tests {
+        ($($name:ident),* $(,)?) => {$(
+            #[tokio::test]
+            async fn $name() {
+                with_schema(|url| async move {
+                    let store = crate::store::open(&url).await.unwrap();
+                    super::$name(store.clone()).await;
+                    store.close().await;
+                })
+                .await;
+            }
+        )*};
+    }
+
+    all_tests!(backend_tests);
+
+    /// Instances starting together on a new database: the migrations run once, under the
+    /// advisory lock, and every instance opens.
+    #[tokio::test]
+    async fn concurrent_opens_migrate_once() {
+        with_schema(|url| async move {
+            let opens = (0..4).map(|_| crate::store::open(&url));
+            let stores: Vec<Arc<dyn Store>> = futures::future::join_all(opens)
+                .await
+                .into_iter()
+                .map(|s| s.unwrap())
+                .collect();
+            let mut conn = PgConnection::connect(&url).await.unwrap();
+            let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(applied, 3);
+            conn.close().await.unwrap();
+            for s in stores {
+                s.close().await;
+            }
+        })
+        .await;
+    }
+
+    /// PostgreSQL refuses NUL in text and JSONB; a worker's error message or a label holding
+    /// one must not fail the commit (it is stored as U+FFFD).
+    #[tokio::test]
+    async fn nul_characters_do_not_fail_a_commit() {
+        with_schema(|url| async move {
+            let store = crate::store::open(&url).await.unwrap();
+            let mut j = job("q", &[("k\0", "v\0")]);
+            j.state = JobState::Failed;
+            j.finished_at = Some(Timestamp::now());
+            j.error = Some(JobError {
+                reason: "HANDLER_ERROR".into(),
+                message: "bad\0byte".into(),
+            });
+            let mut event = state_event(&j, 1, JobState::Failed);
+            if let EventKind::State { error, .. } = &mut event.kind {
+                *error = j.error.clone();
+            }
+            store
+                .apply(&[Write::InsertJob(Arc::new(j.clone())), Write::Event(event)])
+                .await
+                .unwrap();
+            let got = store.get_job(j.id).await.unwrap().unwrap();
+            assert_eq!(got.error.unwrap().message, "bad\u{FFFD}byte");
+            assert_eq!(
+                got.labels.get("k\u{FFFD}").map(String::as_str),
+                Some("v\u{FFFD}")
+            );
+            assert_eq!(store.events(j.id, 0, 10).await.unwrap().len(), 1);
+            store.close().await;
+        })
+        .await;
     }
 }
