@@ -15,16 +15,25 @@
 //!    throughput and utilisation of a pool of 8 units with 1,000 waiting jobs; the scheduler's
 //!    own cost per decision with 100,000 waiting jobs across 100 pools (no network).
 //!
+//! With `--db postgres://HOST/DB` the bench creates a fresh database on that server
+//! (`jp_bench_<uuid>`, dropped at the end) and runs `--instances N` whole services in this process
+//! on it (`jobplane_server::serve`, each on its own port; one leads, the others forward); the
+//! client balances over all of them and the workers are spread over them. Two more phases are
+//! meant for that (`--phases cross-wake,idle`): release → wake across instances (the holder's
+//! worker on one instance, the waiter's on another) and the queries per second an idle cluster
+//! costs the database.
+//!
 //! With `--trace-export` everything is traced and exported over OTLP/gRPC, as in production with
 //! the default sampler: the in-process service (RPC spans, every job's lifecycle spans) and the
 //! SDK's client and worker spans go through one batch exporter, configured by the standard
 //! variables, to a receiver in this process that decodes and counts them. Compare a run with
 //! and without it for the cost of tracing.
 
+mod cluster;
 mod otlp;
 mod pools;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -63,6 +72,32 @@ struct Args {
     /// SQLite durability: `full` (survives power loss) or `normal` (survives kill -9).
     #[arg(long, default_value = "full")]
     synchronous: String,
+    /// Database of the in-process service: default a temp SQLite file; with `postgres://HOST/DB`
+    /// a fresh database `jp_bench_<uuid>` is created on that server (DB is only used to connect)
+    /// and dropped at the end.
+    #[arg(long)]
+    db: Option<String>,
+    /// Keep the PostgreSQL database the bench created.
+    #[arg(long)]
+    keep_db: bool,
+    /// In-process instances on the same database (more than one needs PostgreSQL); the client
+    /// balances over them and worker `i` connects to instance `i mod N`.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// Phases to run, comma-separated: submit-only, batched, unbatched, latency, pools, sched,
+    /// cross-wake (2+ instances), idle (PostgreSQL).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "submit-only,batched,unbatched,latency,pools,sched"
+    )]
+    phases: Vec<String>,
+    /// Rounds of the cross-instance release → wake phase.
+    #[arg(long, default_value_t = 1000)]
+    cross_wake_rounds: usize,
+    /// Length of the idle probe, in seconds.
+    #[arg(long, default_value_t = 30)]
+    idle_secs: u64,
     /// Jobs in the latency phase.
     #[arg(long, default_value_t = 1000)]
     latency_jobs: usize,
@@ -97,15 +132,15 @@ struct Marks {
 }
 
 async fn start_workers(
-    addr: &str,
+    addrs: &[String],
     n: usize,
     concurrency: u32,
     marks: Arc<Mutex<Marks>>,
 ) -> Vec<WorkerHandle> {
     (0..n)
-        .map(|_| {
+        .map(|i| {
             let marks = marks.clone();
-            Worker::builder(addr)
+            Worker::builder(addrs[i % addrs.len()].as_str())
                 .concurrency(concurrency)
                 .handler("bench", move |ctx: JobContext| {
                     let marks = marks.clone();
@@ -287,45 +322,91 @@ async fn run(
         }
         None => None,
     };
+    let phases: BTreeSet<&str> = args.phases.iter().map(|p| p.trim()).collect();
+    let known = [
+        "submit-only",
+        "batched",
+        "unbatched",
+        "latency",
+        "pools",
+        "sched",
+        "cross-wake",
+        "idle",
+    ];
+    if let Some(p) = phases.iter().find(|p| !known.contains(p)) {
+        anyhow::bail!("unknown phase {p:?}; known: {known:?}");
+    }
     let dir = tempfile::tempdir()?;
-    // Either a service in this process on a temp database, or one already running elsewhere
-    // (`--addr`), e.g. to keep the service and the load generator in separate processes.
-    let (addr, server) = match &args.addr {
-        Some(addr) => (addr.clone(), None),
-        None => {
-            let db = format!(
-                "sqlite://{}?synchronous={}",
-                dir.path().join("bench.db").display(),
-                args.synchronous
-            );
+    let engine = jobplane_server::EngineConfig {
+        job_spans: args.trace_export,
+        ..Default::default()
+    };
+    let postgres = args
+        .db
+        .as_deref()
+        .is_some_and(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"));
+    anyhow::ensure!(
+        args.instances >= 1 && (args.instances == 1 || postgres),
+        "--instances above 1 needs --db postgres://…"
+    );
+    let bench_db = match (&args.db, postgres, &args.addr) {
+        (Some(server), true, None) => Some(cluster::BenchDb::create(server).await?),
+        _ => None,
+    };
+    let db_kind = match (&args.addr, postgres) {
+        (Some(_), _) => "external",
+        (None, true) => "postgres",
+        (None, false) => "sqlite",
+    };
+    // Either services in this process on a temp database, or one already running elsewhere
+    // (`--addr`, several comma-separated), e.g. to keep the service and the load generator in
+    // separate processes.
+    let (addrs, server, instances) = match (&args.addr, &bench_db) {
+        (Some(addr), _) => (
+            addr.split(',').map(str::to_owned).collect::<Vec<_>>(),
+            None,
+            None,
+        ),
+        (None, Some(db)) => {
+            let instances = cluster::Instances::start(&db.url, args.instances, engine).await?;
+            (instances.addrs.clone(), None, Some(instances))
+        }
+        (None, None) => {
+            let db = args.db.clone().unwrap_or_else(|| {
+                format!(
+                    "sqlite://{}?synchronous={}",
+                    dir.path().join("bench.db").display(),
+                    args.synchronous
+                )
+            });
             let store = jobplane_server::store::open(&db).await?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = format!("http://{}", listener.local_addr()?);
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(jobplane_server::run(
-                listener,
-                store,
-                jobplane_server::EngineConfig {
-                    job_spans: args.trace_export,
-                    ..Default::default()
-                },
-                async {
-                    let _ = stop_rx.await;
-                },
-            ));
-            (addr, Some((stop_tx, task)))
+            let task = tokio::spawn(jobplane_server::run(listener, store, engine, async {
+                let _ = stop_rx.await;
+            }));
+            (vec![addr], Some((stop_tx, task)), None)
         }
     };
+    let addr = addrs.join(",");
+    if let Some(db) = &bench_db {
+        eprintln!(
+            "{} instance(s) on PostgreSQL database {}: {addr}",
+            addrs.len(),
+            db.name()
+        );
+    }
     let client = Client::connect(addr.clone()).await.context("connect")?;
     let marks = Arc::new(Mutex::new(Marks::default()));
-    let workers = start_workers(&addr, args.workers, args.concurrency, marks.clone()).await;
+    let workers = start_workers(&addrs, args.workers, args.concurrency, marks.clone()).await;
     // Warm up: connections, prepared statements, worker streams.
     throughput(&client, 500, 100, 2).await?;
 
     // Submits alone, to a queue no worker serves: what the client can push (the Python SDK's
     // bench measures the same, to compare the binding with the Rust client).
     let mut submit_only_rate = 0.0;
-    if args.submit_only_jobs > 0 {
+    if phases.contains("submit-only") && args.submit_only_jobs > 0 {
         let n = args.submit_only_jobs;
         let t0 = Instant::now();
         submit_only(&client, n, args.batch, args.submitters).await?;
@@ -337,86 +418,147 @@ async fn run(
         eprintln!("  {submit_only_rate:.0} jobs/s");
     }
 
-    eprintln!(
-        "batched: {} jobs, batches of {}, {} submitters, {} workers x {}",
-        args.jobs, args.batch, args.submitters, args.workers, args.concurrency
-    );
-    let batched = throughput(&client, args.jobs, args.batch, args.submitters).await?;
-    eprintln!("  {batched:.0} jobs/s");
-    let unbatched_n = (args.jobs / 4).max(1);
-    eprintln!(
-        "unbatched: {unbatched_n} jobs, {} concurrent single submits",
-        args.submitters * 8
-    );
-    let unbatched = throughput(&client, unbatched_n, 1, args.submitters * 8).await?;
-    eprintln!("  {unbatched:.0} jobs/s");
+    let mut batched = 0.0;
+    if phases.contains("batched") {
+        eprintln!(
+            "batched: {} jobs, batches of {}, {} submitters, {} workers x {}",
+            args.jobs, args.batch, args.submitters, args.workers, args.concurrency
+        );
+        batched = throughput(&client, args.jobs, args.batch, args.submitters).await?;
+        eprintln!("  {batched:.0} jobs/s");
+    }
+    let mut unbatched = 0.0;
+    if phases.contains("unbatched") {
+        let unbatched_n = (args.jobs / 4).max(1);
+        eprintln!(
+            "unbatched: {unbatched_n} jobs, {} concurrent single submits",
+            args.submitters * 8
+        );
+        unbatched = throughput(&client, unbatched_n, 1, args.submitters * 8).await?;
+        eprintln!("  {unbatched:.0} jobs/s");
+    }
 
-    eprintln!("latency: {} jobs one at a time", args.latency_jobs);
     let mut start = Histogram::<u64>::new(3)?;
     let mut wake = Histogram::<u64>::new(3)?;
     let mut submit_rtt = Histogram::<u64>::new(3)?;
-    for _ in 0..args.latency_jobs {
-        let t = Instant::now();
-        let id = client
-            .submit(JobSpec::new("bench").payload("mark"))
-            .await?
-            .job
-            .id;
-        submit_rtt.record(t.elapsed().as_micros() as u64)?;
-        let w = client.wait(&id, Duration::from_secs(30)).await?;
-        let woke = Instant::now();
-        anyhow::ensure!(w.job.state == JobState::Succeeded, "latency job failed");
-        let m = marks.lock().expect("marks");
-        let s = m.started[&id];
-        let f = m.finished[&id];
-        start.record(s.duration_since(t).as_micros() as u64)?;
-        wake.record(woke.duration_since(f).as_micros() as u64)?;
+    if phases.contains("latency") {
+        eprintln!("latency: {} jobs one at a time", args.latency_jobs);
+        for _ in 0..args.latency_jobs {
+            let t = Instant::now();
+            let id = client
+                .submit(JobSpec::new("bench").payload("mark"))
+                .await?
+                .job
+                .id;
+            submit_rtt.record(t.elapsed().as_micros() as u64)?;
+            let w = client.wait(&id, Duration::from_secs(30)).await?;
+            let woke = Instant::now();
+            anyhow::ensure!(w.job.state == JobState::Succeeded, "latency job failed");
+            let m = marks.lock().expect("marks");
+            let s = m.started[&id];
+            let f = m.finished[&id];
+            start.record(s.duration_since(t).as_micros() as u64)?;
+            wake.record(woke.duration_since(f).as_micros() as u64)?;
+        }
+        eprintln!(
+            "  submit round trip p50 {:.3} ms p99 {:.3} ms",
+            ms(&submit_rtt, 0.5),
+            ms(&submit_rtt, 0.99)
+        );
+        eprintln!(
+            "  submit->start p50 {:.3} ms p99 {:.3} ms; handler end->wait returns p50 {:.3} ms p99 {:.3} ms",
+            ms(&start, 0.5),
+            ms(&start, 0.99),
+            ms(&wake, 0.5),
+            ms(&wake, 0.99)
+        );
     }
-    eprintln!(
-        "  submit round trip p50 {:.3} ms p99 {:.3} ms",
-        ms(&submit_rtt, 0.5),
-        ms(&submit_rtt, 0.99)
-    );
-    eprintln!(
-        "  submit->start p50 {:.3} ms p99 {:.3} ms; handler end->wait returns p50 {:.3} ms p99 {:.3} ms",
-        ms(&start, 0.5),
-        ms(&start, 0.99),
-        ms(&wake, 0.5),
-        ms(&wake, 0.99)
-    );
 
-    eprintln!("pools: release -> wake, {} rounds", args.pool_wake_rounds);
-    let pool_wake = pools::release_wake(&client, &addr, args.pool_wake_rounds).await?;
-    eprintln!(
-        "  holder's handler returns -> waiter's handler starts p50 {:.3} ms p99 {:.3} ms",
-        ms(&pool_wake, 0.5),
-        ms(&pool_wake, 0.99)
-    );
-    eprintln!(
-        "pools: {} jobs of {} ms through a pool of {} units",
-        args.pool_jobs, args.pool_work_ms, args.pool_limit
-    );
-    let (pool_tput, pool_util, pool_gaps) = pools::pool_throughput(
-        &client,
-        &addr,
-        args.pool_jobs,
-        args.pool_limit,
-        Duration::from_millis(args.pool_work_ms),
-    )
-    .await?;
-    eprintln!(
-        "  {pool_tput:.0} jobs/s, utilisation {:.1}% (ideal {:.0} jobs/s); hand-over gap p50 {:.3} ms p99 {:.3} ms",
-        pool_util * 100.0,
-        args.pool_limit as f64 * 1000.0 / args.pool_work_ms as f64,
-        ms(&pool_gaps, 0.5),
-        ms(&pool_gaps, 0.99)
-    );
-    eprintln!(
-        "scheduler alone: {} waiting jobs over 100 pools",
-        args.sched_jobs
-    );
-    let (enqueue_us, decide_us) = pools::decision_cost(args.sched_jobs, 100);
-    eprintln!("  enqueue {enqueue_us:.2} us/job, release + dispatch decision {decide_us:.2} us");
+    let mut pool_wake = Histogram::<u64>::new(3)?;
+    let (mut pool_tput, mut pool_util, mut pool_gaps) = (0.0, 0.0, Histogram::<u64>::new(3)?);
+    if phases.contains("pools") {
+        eprintln!("pools: release -> wake, {} rounds", args.pool_wake_rounds);
+        pool_wake = pools::release_wake(&client, &addrs[0], args.pool_wake_rounds).await?;
+        eprintln!(
+            "  holder's handler returns -> waiter's handler starts p50 {:.3} ms p99 {:.3} ms",
+            ms(&pool_wake, 0.5),
+            ms(&pool_wake, 0.99)
+        );
+        eprintln!(
+            "pools: {} jobs of {} ms through a pool of {} units",
+            args.pool_jobs, args.pool_work_ms, args.pool_limit
+        );
+        (pool_tput, pool_util, pool_gaps) = pools::pool_throughput(
+            &client,
+            &addrs,
+            args.pool_jobs,
+            args.pool_limit,
+            Duration::from_millis(args.pool_work_ms),
+        )
+        .await?;
+        eprintln!(
+            "  {pool_tput:.0} jobs/s, utilisation {:.1}% (ideal {:.0} jobs/s); hand-over gap p50 {:.3} ms p99 {:.3} ms",
+            pool_util * 100.0,
+            args.pool_limit as f64 * 1000.0 / args.pool_work_ms as f64,
+            ms(&pool_gaps, 0.5),
+            ms(&pool_gaps, 0.99)
+        );
+    }
+    let (mut enqueue_us, mut decide_us) = (0.0, 0.0);
+    if phases.contains("sched") {
+        eprintln!(
+            "scheduler alone: {} waiting jobs over 100 pools",
+            args.sched_jobs
+        );
+        (enqueue_us, decide_us) = pools::decision_cost(args.sched_jobs, 100);
+        eprintln!(
+            "  enqueue {enqueue_us:.2} us/job, release + dispatch decision {decide_us:.2} us"
+        );
+    }
+
+    let mut cross_wake = Histogram::<u64>::new(3)?;
+    if phases.contains("cross-wake") {
+        anyhow::ensure!(addrs.len() >= 2, "cross-wake needs --instances 2 or more");
+        let leader = match &bench_db {
+            Some(db) => cluster::leader(&db.url, &addrs).await?,
+            None => None,
+        };
+        // The holder's worker on B, the waiter's on A: with 3+ instances neither leads (both
+        // forward); with 2, A follows and B leads.
+        let others: Vec<usize> = (0..addrs.len()).filter(|i| Some(*i) != leader).collect();
+        let (a, b) = match leader {
+            Some(l) if others.len() < 2 => (others[0], l),
+            _ => (others[0], others[1]),
+        };
+        eprintln!(
+            "cross-wake: {} rounds, pool of 1 unit, holder's worker on instance {b}, waiter's on \
+             instance {a} (leader: {leader:?})",
+            args.cross_wake_rounds
+        );
+        cross_wake = cluster::cross_wake(&addrs[a], &addrs[b], args.cross_wake_rounds).await?;
+        eprintln!(
+            "  holder's handler returns -> waiter's handler starts p50 {:.3} ms p99 {:.3} ms",
+            ms(&cross_wake, 0.5),
+            ms(&cross_wake, 0.99)
+        );
+    }
+    let mut idle_qps = 0.0;
+    if phases.contains("idle") {
+        let db = bench_db
+            .as_ref()
+            .context("the idle probe needs --db postgres://…")?;
+        eprintln!(
+            "idle: {} instance(s), {} workers connected, no work; {} s of pg_stat_database",
+            addrs.len(),
+            args.workers,
+            args.idle_secs
+        );
+        idle_qps = cluster::idle_queries_per_sec(&db.url, args.idle_secs).await?;
+        eprintln!(
+            "  {idle_qps:.1} transactions/s committed in database {}",
+            db.name()
+        );
+    }
 
     for w in workers {
         w.stop().await?;
@@ -424,6 +566,16 @@ async fn run(
     if let Some((stop_tx, task)) = server {
         let _ = stop_tx.send(());
         task.await??;
+    }
+    if let Some(instances) = instances {
+        instances.stop().await?;
+    }
+    if let Some(db) = bench_db {
+        if args.keep_db {
+            eprintln!("kept database {}", db.url);
+        } else {
+            db.drop_db().await?;
+        }
     }
     let mut spans_exported = 0;
     if let (Some(t), Some(r)) = (telemetry, &receiver) {
@@ -453,6 +605,12 @@ async fn run(
         "pool_handover_p99_ms": ms(&pool_gaps, 0.99),
         "sched_enqueue_us": (enqueue_us * 100.0).round() / 100.0,
         "sched_decision_us": (decide_us * 100.0).round() / 100.0,
+        "instances": addrs.len(),
+        "db": db_kind,
+        "phases": phases,
+        "cross_wake_p50_ms": ms(&cross_wake, 0.5),
+        "cross_wake_p99_ms": ms(&cross_wake, 0.99),
+        "idle_queries_per_sec": (idle_qps * 10.0).round() / 10.0,
         "trace_export": args.trace_export,
         "spans_exported": spans_exported,
     });

@@ -94,7 +94,7 @@ pub async fn release_wake(
 /// handler end before it (the unit's idle time), in microseconds.
 pub async fn pool_throughput(
     client: &Client,
-    addr: &str,
+    addrs: &[String],
     jobs: usize,
     limit: u64,
     work: Duration,
@@ -108,9 +108,9 @@ pub async fn pool_throughput(
     let busy = Arc::new(Mutex::new(Duration::ZERO));
     let spans: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::default();
     let workers: Vec<WorkerHandle> = (0..2)
-        .map(|_| {
+        .map(|i| {
             let (busy, spans) = (busy.clone(), spans.clone());
-            Worker::builder(addr)
+            Worker::builder(addrs[i % addrs.len()].as_str())
                 .concurrency(limit as u32 * 2)
                 .handler("pool-tput", move |_ctx: JobContext| {
                     let (busy, spans) = (busy.clone(), spans.clone());

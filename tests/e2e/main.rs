@@ -5,6 +5,7 @@
 mod cancel;
 mod capacity;
 mod cli;
+mod cluster;
 mod faults;
 mod grpc_tooling;
 mod idempotency;

@@ -2,6 +2,7 @@
 //! database (in-process through `jobplane_server::run`, or as a real `jobplane` process), SDK
 //! workers, and a raw protocol worker for the tests that must misbehave on purpose.
 
+pub mod cluster;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
