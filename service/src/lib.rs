@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub mod api;
+mod cluster;
 pub mod engine;
 pub mod metrics;
 pub mod store;
@@ -30,8 +31,11 @@ pub use engine::EngineConfig;
 pub struct ServeConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// Database URL (`sqlite://PATH`).
+    /// Database URL (`sqlite://PATH` or `postgres://…`).
     pub db_url: String,
+    /// Where other instances on the same database reach this one (`HOST:PORT`); default: the
+    /// listening address.
+    pub advertise: Option<String>,
     /// Allow listening on a non-loopback address without authentication.
     pub allow_non_loopback: bool,
     /// Where to serve the Prometheus metrics endpoint (`GET /metrics`); `None`: nowhere.
@@ -45,6 +49,7 @@ impl Default for ServeConfig {
         ServeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7741)),
             db_url: "sqlite://jobplane.db".into(),
+            advertise: None,
             allow_non_loopback: false,
             metrics: Some(MetricsListen {
                 addr: metrics::DEFAULT_LISTEN,
@@ -148,7 +153,15 @@ pub async fn serve(
         None => "off".to_string(),
     };
     tracing::info!(%listen, metrics = %metrics_addr, db = %config.db_url, "jobplane serving");
-    run_with_metrics(listener, metrics_listener, store, config.engine, shutdown).await
+    run_instance(
+        listener,
+        metrics_listener,
+        store,
+        config.engine,
+        config.advertise,
+        shutdown,
+    )
+    .await
 }
 
 /// Serves the API on `listener` with `store` until `shutdown` resolves, then stops accepting,
@@ -170,27 +183,64 @@ pub async fn run_with_metrics(
     config: EngineConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    run_instance(listener, metrics_listener, store, config, None, shutdown).await
+}
+
+/// [`run_with_metrics`] as one of several instances on one database: `advertise` is where the
+/// others reach this one while it leads (default: `http://` and the listener's address).
+pub async fn run_instance(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    store: Arc<dyn store::Store>,
+    config: EngineConfig,
+    advertise: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let local = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
+    let advertise = match advertise {
+        Some(a) if a.contains("://") => a,
+        Some(a) => format!("http://{a}"),
+        None if local.ip().is_unspecified() && store.coordinator().is_some() => {
+            return Err(ServeError::Config(format!(
+                "listening on {local}: other instances cannot reach an unspecified address; \
+                 pass --advertise HOST:PORT"
+            )))
+        }
+        None => format!("http://{local}"),
+    };
     let stop = CancellationToken::new();
+    let api_done = CancellationToken::new();
     let metrics = Arc::new(metrics::Metrics::new());
-    let (engine, tasks) =
-        engine::Engine::start(store.clone(), config, metrics.clone(), stop.clone()).await?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let roles = api::Roles::new(health_reporter, "starting").await;
+    let instance = tokio::spawn(cluster::run(
+        store.clone(),
+        advertise,
+        config,
+        metrics.clone(),
+        roles.clone(),
+        stop.clone(),
+        api_done.clone(),
+    ));
     let metrics_task = metrics_listener.map(|l| {
         let stopped = stop.clone().cancelled_owned();
         tokio::spawn(metrics::serve(l, metrics.clone(), stopped))
     });
-    let fatal = engine.fatal.clone();
     let stop2 = stop.clone();
     let signal = async move {
-        tokio::select! {
-            _ = shutdown => tracing::info!("shutting down"),
-            _ = fatal.cancelled() => tracing::error!("stopping after a database failure"),
-        }
+        shutdown.await;
+        tracing::info!("shutting down");
         stop2.cancel();
     };
-    let result = api::serve(listener, engine.clone(), metrics, signal).await;
+    let result = api::serve(listener, roles, health, metrics, signal).await;
     stop.cancel();
-    engine.close().await;
-    tasks.join().await;
+    api_done.cancel();
+    if let Err(e) = instance.await {
+        tracing::warn!(error = %e, "the instance loop panicked");
+    }
     if let Some(t) = metrics_task {
         match t.await {
             Ok(Ok(())) => {}
@@ -199,10 +249,5 @@ pub async fn run_with_metrics(
         }
     }
     store.close().await;
-    if engine.fatal.is_cancelled() {
-        return Err(ServeError::Engine(engine::EngineError::Unavailable(
-            "a commit failed; restart to recover from the database".into(),
-        )));
-    }
     result
 }

@@ -12,7 +12,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -115,7 +115,7 @@ pub struct Metrics {
     rpc_duration: HistogramFamily<MethodLabels>,
     rpc_errors: Family<RpcErrorLabels, Counter>,
     commit_batch: Histogram,
-    engine: Arc<OnceLock<Weak<Engine>>>,
+    engine: Arc<RwLock<Weak<Engine>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -181,7 +181,7 @@ impl Metrics {
             "Writes per database transaction of the group committer",
             commit_batch.clone(),
         );
-        let engine = Arc::new(OnceLock::new());
+        let engine = Arc::new(RwLock::new(Weak::new()));
         registry.register_collector(Box::new(EngineCollector {
             engine: engine.clone(),
         }));
@@ -198,10 +198,10 @@ impl Metrics {
         }
     }
 
-    /// Names the engine whose live figures are read at scrape time (once; later calls are
-    /// ignored).
+    /// Names the engine whose live figures are read at scrape time: the latest one started
+    /// (an instance starts a new one each time it takes the lead).
     pub fn attach(&self, engine: &Arc<Engine>) {
-        let _ = self.engine.set(Arc::downgrade(engine));
+        *self.engine.write().expect("metrics lock poisoned") = Arc::downgrade(engine);
     }
 
     /// The OpenMetrics text of every metric.
@@ -282,7 +282,7 @@ fn queue_labels(q: &QueueKey) -> QueueLabels {
 /// Figures of the present, read from the engine on each scrape.
 #[derive(Debug)]
 struct EngineCollector {
-    engine: Arc<OnceLock<Weak<Engine>>>,
+    engine: Arc<RwLock<Weak<Engine>>>,
 }
 
 fn gauge<L: EncodeLabelSet>(
@@ -302,7 +302,7 @@ fn gauge<L: EncodeLabelSet>(
 
 impl Collector for EngineCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(engine) = self.engine.get().and_then(Weak::upgrade) else {
+        let Some(engine) = self.engine.read().expect("metrics lock poisoned").upgrade() else {
             return Ok(());
         };
         let s = engine.live_figures();

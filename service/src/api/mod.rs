@@ -5,13 +5,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobplane_proto::pb;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
-use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::ServeError;
+pub use switch::Roles;
 
 mod admin;
 pub mod convert;
@@ -19,6 +18,7 @@ pub mod error;
 mod job;
 mod metrics;
 mod outcome;
+mod switch;
 mod trace;
 mod worker;
 
@@ -26,11 +26,16 @@ mod worker;
 const MAX_MESSAGE: usize = 64 << 20;
 
 /// Serves every service on `listener` until `signal` resolves, then shuts down gracefully.
-/// Every call's duration and error code are recorded in `metrics`, and every call has a span
-/// (exported when trace export is on).
+/// The `jobplane.v1` services follow `roles` (served from this instance's engine while it
+/// leads, forwarded to the leader otherwise); health (`health`, whose reporter `roles` holds),
+/// reflection and metrics are local. Every call's duration and error code are recorded in
+/// `metrics`, and every call has a span (exported when trace export is on).
 pub async fn serve(
     listener: TcpListener,
-    engine: Arc<Engine>,
+    roles: Arc<Roles>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
     metrics: Arc<Metrics>,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -43,17 +48,6 @@ pub async fn serve(
             tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
         ],
     );
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<pb::job_service_server::JobServiceServer<job::Jobs>>()
-        .await;
-    health_reporter
-        .set_serving::<pb::worker_service_server::WorkerServiceServer<worker::Workers>>()
-        .await;
-    health_reporter
-        .set_serving::<pb::admin_service_server::AdminServiceServer<admin::Admin>>()
-        .await;
-
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(jobplane_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -64,15 +58,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| ServeError::Config(format!("reflection: {e}")))?;
-
-    let jobs = pb::job_service_server::JobServiceServer::new(job::Jobs::new(engine.clone()))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let workers =
-        pb::worker_service_server::WorkerServiceServer::new(worker::Workers::new(engine.clone()))
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
-    let admin = pb::admin_service_server::AdminServiceServer::new(admin::Admin::new(engine));
+    let (jobs, workers, admin) = switch::services(&roles);
 
     // Small messages (acks, assignments) must not wait for Nagle's algorithm.
     let incoming = TcpIncoming::from(listener)

@@ -20,6 +20,10 @@ pub struct ServeArgs {
     /// while an address given here must be bound.
     #[arg(long, env = "JOBPLANE_METRICS_LISTEN", value_name = "ADDR|off", value_parser = parse_metrics_listen)]
     pub metrics_listen: Option<MetricsAddr>,
+    /// Where other instances on the same PostgreSQL database reach this one (HOST:PORT), if not
+    /// at the listening address (e.g. when listening on 0.0.0.0).
+    #[arg(long, env = "JOBPLANE_ADVERTISE", value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
     /// Listen on a non-loopback address although authentication is off.
     #[arg(long)]
     pub allow_insecure_non_loopback: bool,
@@ -33,6 +37,7 @@ pub async fn run(args: ServeArgs) -> Result<Outcome, CliError> {
     let config = jobplane_server::ServeConfig {
         listen: args.listen,
         db_url: args.db,
+        advertise: args.advertise,
         allow_non_loopback: args.allow_insecure_non_loopback,
         metrics: match args.metrics_listen {
             None => Some(jobplane_server::MetricsListen {

@@ -149,7 +149,7 @@ async fn run(
             Ok(())
         } else if fatal.is_cancelled() {
             Err(EngineError::Unavailable(
-                "the service is stopping after a database failure".into(),
+                "this instance is recovering from a database failure; try again".into(),
             ))
         } else {
             match store.apply(&writes).await {
@@ -161,7 +161,7 @@ async fn run(
                     Ok(())
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, writes = writes.len(), "commit failed; stopping");
+                    tracing::error!(error = %e, writes = writes.len(), "commit failed; stepping down to recover from the database");
                     fatal.cancel();
                     Err(EngineError::Unavailable(
                         "the database failed; try again".into(),

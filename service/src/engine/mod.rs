@@ -343,7 +343,7 @@ pub struct Engine {
     store: Arc<dyn Store>,
     timer_wake: Notify,
     shutdown: CancellationToken,
-    /// Cancelled when a commit failed: the service must stop.
+    /// Cancelled when a commit failed: the instance must discard this engine and recover.
     pub fatal: CancellationToken,
     /// Commit statistics.
     pub stats: Arc<CommitStats>,
@@ -473,7 +473,7 @@ impl Engine {
     fn check_open(&self) -> Result<(), EngineError> {
         if self.fatal.is_cancelled() {
             return Err(EngineError::Unavailable(
-                "the service is stopping after a database failure".into(),
+                "this instance is recovering from a database failure; try again".into(),
             ));
         }
         Ok(())

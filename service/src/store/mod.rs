@@ -14,8 +14,11 @@ use crate::engine::model::{
     QueueKey, Timestamp,
 };
 
+mod leader;
 pub mod postgres;
 pub mod sqlite;
+
+pub use leader::{Coordinator, LeaderInfo, LeaderWatch, Leadership};
 
 /// The number of columns in [`JOB_COLUMNS`].
 pub(crate) const fn job_column_count() -> usize {
@@ -50,6 +53,9 @@ pub enum StoreError {
     /// The database cannot be reached or is failing; retryable.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// This instance no longer leads: another one took over, so this one may not commit.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// Data in the database could not be decoded.
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -155,6 +161,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Closes connections, after the last write.
     async fn close(&self);
+
+    /// How instances sharing this database agree on one leader; `None` for a database only one
+    /// instance can use (SQLite), which then always leads.
+    fn coordinator(&self) -> Option<Arc<dyn Coordinator>> {
+        None
+    }
 }
 
 /// Opens the store named by a URL: `sqlite://PATH` (created if missing), `sqlite::memory:`, or

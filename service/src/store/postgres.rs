@@ -16,18 +16,22 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Serialize;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
 use sqlx::{ConnectOptions, Connection, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
-use super::{job_column_count, Recovered, Store, StoreError, Write, JOB_COLUMNS};
+use super::{
+    job_column_count, Coordinator, LeaderInfo, LeaderWatch, Leadership, Recovered, Store,
+    StoreError, Write, JOB_COLUMNS,
+};
 use crate::engine::model::{
     Event, IdempotencyRecord, Job, JobError, JobFilter, JobId, JobState, Name, PoolConfig, PoolKey,
     QueueConfig, QueueKey, Timestamp, TraceContext, WorkerId,
@@ -54,6 +58,10 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The PostgreSQL store.
 pub struct PostgresStore {
     pool: PgPool,
+    /// The leader's epoch every batch checks (`0`: none yet, nothing to check); shared with
+    /// the coordinator, which sets it when this instance takes the lead.
+    fence: Arc<AtomicU64>,
+    coordinator: Arc<PgCoordinator>,
 }
 
 /// jobplane's own URL parameters, taken out of the URL.
@@ -207,6 +215,13 @@ impl PostgresStore {
         let settings = Settings::parse(url)?;
         let mut opts = PgConnectOptions::from_str(&settings.url)
             .map_err(|e| StoreError::Config(format!("PostgreSQL URL: {e}")))?;
+        // The coordinator's sessions wait on a lock for as long as another instance leads: no
+        // statement timeout for them.
+        // (Nor logging of its statements: the lock wait is slow on purpose.)
+        let coordination_opts = opts
+            .clone()
+            .application_name("jobplane-leader")
+            .disable_statement_logging();
         if let Some(t) = settings.statement_timeout {
             opts = opts.options([("statement_timeout", format!("{}ms", t.as_millis().max(1)))]);
         }
@@ -241,7 +256,18 @@ impl PostgresStore {
             .connect_with(opts)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        Ok(PostgresStore { pool })
+        let fence = Arc::new(AtomicU64::new(0));
+        let coordinator = Arc::new(PgCoordinator {
+            opts: coordination_opts,
+            connect_timeout: settings.connect_timeout,
+            pool: pool.clone(),
+            fence: fence.clone(),
+        });
+        Ok(PostgresStore {
+            pool,
+            fence,
+            coordinator,
+        })
     }
 }
 
@@ -678,6 +704,21 @@ impl Store for PostgresStore {
             .collect();
 
         let mut tx = self.pool.begin().await.map_err(pg)?;
+        let fence = self.fence.load(Ordering::Acquire);
+        if fence != 0 {
+            // Holds the leader row against a take-over until this batch commits; a take-over
+            // that committed first makes this instance's epoch stale.
+            let epoch: i64 =
+                sqlx::query_scalar("SELECT epoch FROM jobplane_leader WHERE id = 1 FOR SHARE")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(pg)?;
+            if epoch as u64 != fence {
+                return Err(StoreError::Fenced(format!(
+                    "this instance led in epoch {fence}; epoch {epoch} has begun"
+                )));
+            }
+        }
         for chunk in statements(&inserts, |j| job_bytes(j)) {
             let mut rows = NewJobs::default();
             for job in chunk {
@@ -905,6 +946,152 @@ impl Store for PostgresStore {
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+
+    fn coordinator(&self) -> Option<Arc<dyn Coordinator>> {
+        Some(self.coordinator.clone())
+    }
+}
+
+/// The advisory lock the leader holds: `(LOCK_SPACE, hashtext(current_schema()))`, so
+/// deployments in different schemas of one database elect their leaders apart.
+const LOCK_SPACE: i32 = 7741;
+
+/// The channel new leaders are announced on (`NOTIFY`).
+const LEADER_CHANNEL: &str = "jobplane_leader";
+
+/// Leadership on PostgreSQL: a session-level advisory lock, held by a dedicated session. A
+/// candidate waits in `pg_advisory_lock`, so it takes over the moment the leader's session ends
+/// (a killed leader's connection closes with its process). The new leader bumps the epoch in
+/// `jobplane_leader` (which waits for the old leader's in-flight commit, holding that row, to
+/// end) and announces itself with `NOTIFY`.
+struct PgCoordinator {
+    opts: PgConnectOptions,
+    connect_timeout: Duration,
+    /// The store's pool, for reading the leader row.
+    pool: PgPool,
+    fence: Arc<AtomicU64>,
+}
+
+impl PgCoordinator {
+    /// A listener on a session of its own (a pool of one that nothing else uses, dropped with
+    /// it), so a session-level lock never returns to the store's pool.
+    async fn session(&self) -> Result<(PgPool, PgListener), StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .min_connections(0)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .acquire_timeout(self.connect_timeout)
+            .connect_lazy_with(self.opts.clone());
+        let listener = PgListener::connect_with(&pool).await.map_err(pg)?;
+        Ok((pool, listener))
+    }
+}
+
+#[async_trait]
+impl Coordinator for PgCoordinator {
+    async fn lead(&self, addr: &str) -> Result<Box<dyn Leadership>, StoreError> {
+        let (pool, mut session) = self.session().await?;
+        session.eager_reconnect(false);
+        sqlx::query("SELECT pg_advisory_lock($1, hashtext(current_schema()))")
+            .bind(LOCK_SPACE)
+            .execute(&mut session)
+            .await
+            .map_err(pg)?;
+        let epoch: i64 = sqlx::query_scalar(
+            "UPDATE jobplane_leader SET epoch = epoch + 1, addr = $1, since = now()              WHERE id = 1 RETURNING epoch",
+        )
+        .bind(addr)
+        .fetch_one(&mut session)
+        .await
+        .map_err(pg)?;
+        self.fence.store(epoch as u64, Ordering::Release);
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(LEADER_CHANNEL)
+            .bind(format!("{epoch} {addr}"))
+            .execute(&mut session)
+            .await
+            .map_err(pg)?;
+        Ok(Box::new(PgLeadership {
+            epoch: epoch as u64,
+            pool,
+            session: Some(session),
+        }))
+    }
+
+    async fn leader(&self) -> Result<Option<LeaderInfo>, StoreError> {
+        let row: Option<(i64, String)> =
+            sqlx::query_as("SELECT epoch, addr FROM jobplane_leader WHERE id = 1")
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(pg)?;
+        Ok(row
+            .filter(|(epoch, addr)| *epoch > 0 && !addr.is_empty())
+            .map(|(epoch, addr)| LeaderInfo {
+                epoch: epoch as u64,
+                addr,
+            }))
+    }
+
+    async fn watch(&self) -> Result<Box<dyn LeaderWatch>, StoreError> {
+        let (pool, mut session) = self.session().await?;
+        session.listen(LEADER_CHANNEL).await.map_err(pg)?;
+        Ok(Box::new(PgLeaderWatch {
+            _pool: pool,
+            session,
+        }))
+    }
+}
+
+struct PgLeadership {
+    epoch: u64,
+    pool: PgPool,
+    session: Option<PgListener>,
+}
+
+#[async_trait]
+impl Leadership for PgLeadership {
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    async fn lost(&mut self) -> String {
+        let Some(session) = self.session.as_mut() else {
+            return "resigned".into();
+        };
+        // Nothing is ever sent on this session: the next thing read is its end.
+        loop {
+            match session.try_recv().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return "the session holding the lead closed".into(),
+                Err(e) => return format!("the session holding the lead failed: {e}"),
+            }
+        }
+    }
+
+    async fn resign(mut self: Box<Self>) {
+        if let Some(mut session) = self.session.take() {
+            let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
+                .execute(&mut session)
+                .await;
+            drop(session);
+        }
+        self.pool.close().await;
+    }
+}
+
+struct PgLeaderWatch {
+    _pool: PgPool,
+    session: PgListener,
+}
+
+#[async_trait]
+impl LeaderWatch for PgLeaderWatch {
+    async fn changed(&mut self) -> Result<(), StoreError> {
+        // `Ok(None)`: the connection was lost and re-established; something may have been missed.
+        self.session.try_recv().await.map_err(pg)?;
+        Ok(())
     }
 }
 

@@ -656,6 +656,66 @@ pub(crate) mod postgres {
 
     all_tests!(backend_tests);
 
+    /// Leadership: one leader at a time; a candidate waits (no polling) and takes over the
+    /// moment the leader resigns, with a higher epoch, announced to watchers; the deposed
+    /// leader's store can no longer commit.
+    #[tokio::test]
+    async fn one_leader_at_a_time_and_the_deposed_one_is_fenced() {
+        with_schema(|url| async move {
+            let a = crate::store::open(&url).await.unwrap();
+            let b = crate::store::open(&url).await.unwrap();
+            let (ca, cb) = (a.coordinator().unwrap(), b.coordinator().unwrap());
+            assert_eq!(ca.leader().await.unwrap(), None);
+            let lead_a = ca.lead("http://a:1").await.unwrap();
+            assert_eq!(lead_a.epoch(), 1);
+            let first = job("q", &[]);
+            a.apply(&[Write::InsertJob(Arc::new(first.clone()))])
+                .await
+                .unwrap();
+
+            let mut watch = ca.watch().await.unwrap();
+            let cb2 = cb.clone();
+            let candidate = tokio::spawn(async move { cb2.lead("http://b:2").await });
+            // B waits while A leads; A resigns, and B leads at once.
+            tokio::task::yield_now().await;
+            assert!(!candidate.is_finished());
+            lead_a.resign().await;
+            let lead_b = tokio::time::timeout(Duration::from_secs(30), candidate)
+                .await
+                .expect("the candidate took over")
+                .unwrap()
+                .unwrap();
+            assert_eq!(lead_b.epoch(), 2);
+            tokio::time::timeout(Duration::from_secs(30), watch.changed())
+                .await
+                .expect("the new leader was announced")
+                .unwrap();
+            assert_eq!(
+                cb.leader().await.unwrap(),
+                Some(crate::store::LeaderInfo {
+                    epoch: 2,
+                    addr: "http://b:2".into()
+                })
+            );
+
+            // A still thinks it leads: its commits are refused, B's go through.
+            let late = job("q", &[]);
+            assert!(matches!(
+                a.apply(&[Write::InsertJob(Arc::new(late.clone()))]).await,
+                Err(StoreError::Fenced(_))
+            ));
+            assert!(b.get_job(late.id).await.unwrap().is_none());
+            b.apply(&[Write::InsertJob(Arc::new(late.clone()))])
+                .await
+                .unwrap();
+            assert!(b.get_job(first.id).await.unwrap().is_some());
+            lead_b.resign().await;
+            a.close().await;
+            b.close().await;
+        })
+        .await;
+    }
+
     /// Instances starting together on a new database: the migrations run once, under the
     /// advisory lock, and every instance opens.
     #[tokio::test]
@@ -672,7 +732,7 @@ pub(crate) mod postgres {
                 .fetch_one(&mut conn)
                 .await
                 .unwrap();
-            assert_eq!(applied, 3);
+            assert_eq!(applied, 4);
             conn.close().await.unwrap();
             for s in stores {
                 s.close().await;
