@@ -193,8 +193,15 @@ impl Core {
                 .set_queue(&key, config.max_concurrency, config.paused);
             self.queues.entry(key).or_default().config = config;
         }
+        let cooldowns: HashMap<PoolKey, crate::store::PoolCooldown> =
+            r.cooldowns.into_iter().collect();
         for (key, config) in r.pools {
-            self.sched.set_pool(&key, config, Instant::now());
+            let at = Instant::now();
+            self.sched.set_pool(&key, config, at);
+            let cooldown = cooldowns
+                .get(&key)
+                .map(|c| (self.at(now, c.until), c.epoch));
+            self.sched.restore_pool(&key, cooldown, at);
         }
         for rec in r.idempotency {
             self.idempotency
@@ -1577,13 +1584,30 @@ impl Core {
                     let cooled = named
                         .as_ref()
                         .and_then(|name| self.sched.resolve_pool(&job.namespace, name))
-                        .is_some_and(|key| {
+                        .filter(|key| {
                             self.sched.rate_limited(
-                                &key,
+                                key,
                                 Instant::now() + retry_after,
                                 Instant::now(),
                             )
                         });
+                    // The cooldown is kept in the database: it outlives a restart and binds
+                    // the next leader.
+                    if let Some(key) = &cooled {
+                        let at = Instant::now();
+                        if let Some(f) = self.sched.pool_figures(key, at) {
+                            if let Some(until) = f.cooldown_until {
+                                out.writes.push(Write::PoolCooldown {
+                                    key: key.clone(),
+                                    cooldown: crate::store::PoolCooldown {
+                                        until: now.plus(until.saturating_duration_since(at)),
+                                        epoch: f.epoch,
+                                    },
+                                });
+                            }
+                        }
+                    }
+                    let cooled = cooled.is_some();
                     let what = pool.map(|p| format!(" on pool {p}")).unwrap_or_default();
                     self.requeue(
                         id,

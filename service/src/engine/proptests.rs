@@ -131,7 +131,8 @@ impl Ledger {
                 | Write::DeleteIdempotency { .. }
                 | Write::PutQueue { .. }
                 | Write::PutPool { .. }
-                | Write::DeletePool { .. } => {}
+                | Write::DeletePool { .. }
+                | Write::PoolCooldown { .. } => {}
             }
         }
         out.effects.clear();

@@ -720,6 +720,24 @@ impl Scheduler {
         true
     }
 
+    /// After a restart or a change of leader: the pool's recorded cooldown (`until`, `epoch`)
+    /// applies again, and its buckets start empty — what the previous run spent just before it
+    /// ended is unknown, and an empty bucket can never let more through than the rate allows.
+    pub fn restore_pool(&mut self, key: &PoolKey, cooldown: Option<(Instant, u64)>, now: Instant) {
+        let Some(p) = self.pools.get_mut(key) else {
+            return;
+        };
+        for b in &mut p.buckets {
+            b.tokens = 0.0;
+            b.at = now;
+        }
+        if let Some((until, epoch)) = cooldown {
+            p.epoch = epoch;
+            p.cooldown_until = (until > now).then_some(until);
+        }
+        self.dirty_pools.insert(key.clone());
+    }
+
     /// A pool's live figures.
     pub fn pool_figures(&self, key: &PoolKey, now: Instant) -> Option<PoolFigures> {
         let p = self.pools.get(key)?;

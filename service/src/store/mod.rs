@@ -114,6 +114,22 @@ pub enum Write {
         /// The pool.
         key: PoolKey,
     },
+    /// A pool's cooldown began or was extended (after an upstream rate limit).
+    PoolCooldown {
+        /// The pool.
+        key: PoolKey,
+        /// Its cooldown state.
+        cooldown: PoolCooldown,
+    },
+}
+
+/// A pool's cooldown, kept so that it outlives a restart or a change of leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolCooldown {
+    /// When the current cooldown ends.
+    pub until: Timestamp,
+    /// How many cooldowns the pool has had.
+    pub epoch: u64,
 }
 
 /// What the engine loads on start.
@@ -125,6 +141,8 @@ pub struct Recovered {
     pub queues: Vec<(QueueKey, QueueConfig)>,
     /// Every capacity pool.
     pub pools: Vec<(PoolKey, PoolConfig)>,
+    /// The last cooldown of each pool that had one.
+    pub cooldowns: Vec<(PoolKey, PoolCooldown)>,
     /// Every idempotency key not yet expired.
     pub idempotency: Vec<IdempotencyRecord>,
 }

@@ -29,15 +29,16 @@ use sqlx::{ConnectOptions, Connection, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use super::{
-    job_column_count, Coordinator, LeaderInfo, LeaderWatch, Leadership, Recovered, Store,
-    StoreError, Write, JOB_COLUMNS,
+    job_column_count, Coordinator, LeaderInfo, LeaderWatch, Leadership, PoolCooldown, Recovered,
+    Store, StoreError, Write, JOB_COLUMNS,
 };
 use crate::engine::model::{
     Event, IdempotencyRecord, Job, JobError, JobFilter, JobId, JobState, Name, PoolConfig, PoolKey,
     QueueConfig, QueueKey, Timestamp, TraceContext, WorkerId,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/store/migrations/postgres");
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator =
+    sqlx::migrate!("src/store/migrations/postgres");
 
 /// Most parameters PostgreSQL binds in one statement.
 const MAX_BINDS: usize = 65_535;
@@ -636,6 +637,7 @@ impl Store for PostgresStore {
         let mut idempotency: LastWrites<(Name, String), IdempotencyRecord> = LastWrites::new();
         let mut queues: LastWrites<(Name, Name), QueueConfig> = LastWrites::new();
         let mut pools: LastWrites<(Name, Name), PoolConfig> = LastWrites::new();
+        let mut cooldowns: Vec<(&PoolKey, PoolCooldown)> = Vec::new();
         for w in writes {
             match w {
                 Write::InsertJob(job) => {
@@ -689,6 +691,7 @@ impl Store for PostgresStore {
                 Write::DeletePool { key } => {
                     pools.set((key.namespace.clone(), key.name.clone()), None);
                 }
+                Write::PoolCooldown { key, cooldown } => cooldowns.push((key, *cooldown)),
             }
         }
         let inserts: Vec<&Job> = order
@@ -775,6 +778,20 @@ impl Store for PostgresStore {
         if !pools.is_empty() {
             put_configs(&mut tx, "pools", &pools).await?;
         }
+        // Rare (an upstream rate limit): one statement each, after the pools they name.
+        for (key, cooldown) in cooldowns {
+            sqlx::query(
+                "UPDATE pools SET cooldown_until = $1, cooldown_epoch = $2 \
+                 WHERE namespace = $3 AND name = $4",
+            )
+            .bind(cooldown.until.0)
+            .bind(cooldown.epoch as i64)
+            .bind(key.namespace.as_str())
+            .bind(key.name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(pg)?;
+        }
         tx.commit().await.map_err(pg)?;
         Ok(())
     }
@@ -798,6 +815,30 @@ impl Store for PostgresStore {
             .into_iter()
             .map(|(namespace, name, config)| (PoolKey { namespace, name }, config))
             .collect();
+        let cooldowns = sqlx::query(
+            "SELECT namespace, name, cooldown_until, cooldown_epoch FROM pools \
+             WHERE cooldown_until IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| {
+            let key = PoolKey {
+                namespace: name(r.try_get("namespace")?)?,
+                name: name(r.try_get("name")?)?,
+            };
+            let until: i64 = r.try_get("cooldown_until")?;
+            let epoch: i64 = r.try_get("cooldown_epoch")?;
+            Ok((
+                key,
+                PoolCooldown {
+                    until: Timestamp(until),
+                    epoch: epoch as u64,
+                },
+            ))
+        })
+        .collect::<Result<_, StoreError>>()?;
         let idempotency = sqlx::query(
             "SELECT namespace, key, job_id, digest, expires_at FROM idempotency_keys \
              WHERE expires_at > $1",
@@ -821,6 +862,7 @@ impl Store for PostgresStore {
             active_jobs,
             queues,
             pools,
+            cooldowns,
             idempotency,
         })
     }

@@ -19,7 +19,7 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
-use super::{job_column_count, Recovered, Store, StoreError, Write, JOB_COLUMNS};
+use super::{job_column_count, PoolCooldown, Recovered, Store, StoreError, Write, JOB_COLUMNS};
 use crate::engine::model::{
     Event, EventKind, IdempotencyRecord, Job, JobError, JobFilter, JobId, JobState, Name,
     PoolConfig, PoolKey, QueueConfig, QueueKey, Timestamp, TraceContext, WorkerId,
@@ -341,6 +341,18 @@ impl Store for SqliteStore {
                         .execute(&mut *tx)
                         .await?;
                 }
+                Write::PoolCooldown { key, cooldown } => {
+                    sqlx::query(
+                        "UPDATE pools SET cooldown_until = ?, cooldown_epoch = ? \
+                         WHERE namespace = ? AND name = ?",
+                    )
+                    .bind(cooldown.until.0)
+                    .bind(cooldown.epoch as i64)
+                    .bind(key.namespace.as_str())
+                    .bind(key.name.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 Write::InsertJob(_) | Write::UpdateJob { .. } | Write::Event(_) => {}
             }
         }
@@ -370,20 +382,31 @@ impl Store for SqliteStore {
                 Ok((key, config))
             })
             .collect::<Result<_, StoreError>>()?;
-        let pools = sqlx::query("SELECT namespace, name, config FROM pools")
-            .fetch_all(&self.readers)
-            .await?
-            .iter()
-            .map(|r| {
-                let key = PoolKey {
-                    namespace: name(r.try_get("namespace")?)?,
-                    name: name(r.try_get("name")?)?,
-                };
-                let config: PoolConfig =
-                    serde_json::from_str(r.try_get("config")?).map_err(corrupt)?;
-                Ok((key, config))
-            })
-            .collect::<Result<_, StoreError>>()?;
+        let rows = sqlx::query(
+            "SELECT namespace, name, config, cooldown_until, cooldown_epoch FROM pools",
+        )
+        .fetch_all(&self.readers)
+        .await?;
+        let mut pools = Vec::with_capacity(rows.len());
+        let mut cooldowns = Vec::new();
+        for r in &rows {
+            let key = PoolKey {
+                namespace: name(r.try_get("namespace")?)?,
+                name: name(r.try_get("name")?)?,
+            };
+            let config: PoolConfig = serde_json::from_str(r.try_get("config")?).map_err(corrupt)?;
+            if let Some(until) = r.try_get::<Option<i64>, _>("cooldown_until")? {
+                let epoch: i64 = r.try_get("cooldown_epoch")?;
+                cooldowns.push((
+                    key.clone(),
+                    PoolCooldown {
+                        until: Timestamp(until),
+                        epoch: epoch as u64,
+                    },
+                ));
+            }
+            pools.push((key, config));
+        }
         let idempotency = sqlx::query(
             "SELECT namespace, key, job_id, digest, expires_at FROM idempotency_keys \
              WHERE expires_at > ?",
@@ -406,6 +429,7 @@ impl Store for SqliteStore {
             active_jobs,
             queues,
             pools,
+            cooldowns,
             idempotency,
         })
     }

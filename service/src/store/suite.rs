@@ -192,7 +192,37 @@ pub async fn pools_are_kept(store: Arc<dyn Store>) {
         .apply(&[Write::DeletePool { key: other }])
         .await
         .unwrap();
-    assert_eq!(store.recover().await.unwrap().pools, vec![(key, replaced)]);
+    assert_eq!(
+        store.recover().await.unwrap().pools,
+        vec![(key.clone(), replaced.clone())]
+    );
+
+    // A cooldown is kept with its pool, survives a change of the pool's settings, and goes
+    // with the pool.
+    assert!(store.recover().await.unwrap().cooldowns.is_empty());
+    let cooldown = super::PoolCooldown {
+        until: Timestamp::now().plus(Duration::from_secs(30)),
+        epoch: 3,
+    };
+    store
+        .apply(&[
+            Write::PoolCooldown {
+                key: key.clone(),
+                cooldown,
+            },
+            Write::PutPool {
+                key: key.clone(),
+                config: replaced,
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.recover().await.unwrap().cooldowns,
+        vec![(key.clone(), cooldown)]
+    );
+    store.apply(&[Write::DeletePool { key }]).await.unwrap();
+    assert!(store.recover().await.unwrap().cooldowns.is_empty());
 }
 
 pub async fn guarded_update(store: Arc<dyn Store>) {
@@ -732,7 +762,10 @@ pub(crate) mod postgres {
                 .fetch_one(&mut conn)
                 .await
                 .unwrap();
-            assert_eq!(applied, 4);
+            assert_eq!(
+                applied as usize,
+                crate::store::postgres::MIGRATOR.iter().count()
+            );
             conn.close().await.unwrap();
             for s in stores {
                 s.close().await;
