@@ -273,13 +273,11 @@ async fn release_on_one_instance_wakes_a_waiter_on_another(n: usize) {
 }
 
 #[tokio::test]
-#[ignore = "needs multi-instance coordination (issue 7): un-ignored when the `cluster:` commit lands"]
 async fn two_instances_release_on_one_wakes_a_waiter_on_the_other() {
     release_on_one_instance_wakes_a_waiter_on_another(2).await;
 }
 
 #[tokio::test]
-#[ignore = "needs multi-instance coordination (issue 7): un-ignored when the `cluster:` commit lands"]
 async fn three_instances_release_on_one_follower_wakes_a_waiter_on_another() {
     release_on_one_instance_wakes_a_waiter_on_another(3).await;
 }
@@ -287,7 +285,6 @@ async fn three_instances_release_on_one_follower_wakes_a_waiter_on_another() {
 /// 3 instances × 4 workers (each connected to one instance) × 500 jobs on a pool of 5 units:
 /// never more than 5 handlers at once, every handler ran exactly once, every job succeeded.
 #[tokio::test]
-#[ignore = "needs multi-instance coordination (issue 7): un-ignored when the `cluster:` commit lands"]
 async fn three_instances_keep_a_pool_limit_and_run_each_job_once() {
     let Some(cluster) = Cluster::start(3).await else {
         return;
@@ -366,7 +363,6 @@ async fn three_instances_keep_a_pool_limit_and_run_each_job_once() {
 /// go on: every acknowledged job reaches a terminal state exactly once, and the workers go on
 /// through the other instances.
 #[tokio::test]
-#[ignore = "needs multi-instance coordination (issue 7): un-ignored when the `cluster:` commit lands"]
 async fn killing_the_leader_mid_load_ends_every_acknowledged_job_exactly_once() {
     let Some(mut cluster) = Cluster::start(3).await else {
         return;
@@ -374,25 +370,33 @@ async fn killing_the_leader_mid_load_ends_every_acknowledged_job_exactly_once() 
     let (leader, epoch) = cluster.leader().await;
     let all = cluster.addrs();
     let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let running = Arc::new(watch::channel(0usize).0);
     let mut workers = Vec::new();
     for _ in 0..3 {
-        let runs = runs.clone();
+        let (runs, running) = (runs.clone(), running.clone());
         workers.push(worker(&all, "failover", 8, move |ctx: JobContext| {
-            let runs = runs.clone();
+            let (runs, running) = (runs.clone(), running.clone());
             async move {
                 *runs
                     .lock()
                     .unwrap()
                     .entry(ctx.job_id().to_owned())
                     .or_default() += 1;
+                running.send_modify(|n| *n += 1);
                 // Long enough for attempts to be running when the leader dies.
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                running.send_modify(|n| *n -= 1);
                 Ok(Vec::new())
             }
         }));
     }
     let mut load = SubmitLoad::start(&all, "failover", 6).await;
     let before_kill = load.wait_acked(300).await;
+    let mut running_rx = running.subscribe();
+    guard("handlers running", running_rx.wait_for(|n| *n >= 3))
+        .await
+        .unwrap();
+    let running_at_kill = *running.borrow();
     cluster.kill9(leader).await;
     let (new_leader, new_epoch) = long_guard("a new leader", cluster.leader_after(epoch)).await;
     assert_ne!(new_leader, leader);
@@ -430,8 +434,8 @@ async fn killing_the_leader_mid_load_ends_every_acknowledged_job_exactly_once() 
         "succeeded without a handler run: {never:?}"
     );
     eprintln!(
-        "{} jobs acknowledged ({before_kill} before the kill), {} handler runs, {} failed \
-         submits retried: {:?}",
+        "{} jobs acknowledged ({before_kill} before the kill, {running_at_kill} handlers running \
+         at the kill), {} handler runs, {} failed submits retried: {:?}",
         ids.len(),
         runs.values().sum::<u32>(),
         failures.len(),
@@ -445,7 +449,6 @@ async fn killing_the_leader_mid_load_ends_every_acknowledged_job_exactly_once() 
 /// Run timeouts and retries with back-off under 3 instances: each (job, attempt) is dispatched
 /// at most once, and attempt counts and events are what one timer firing per deadline gives.
 #[tokio::test]
-#[ignore = "needs multi-instance coordination (issue 7): un-ignored when the `cluster:` commit lands"]
 async fn three_instances_fire_each_timer_once_and_dispatch_each_attempt_once() {
     let Some(cluster) = Cluster::start(3).await else {
         return;
@@ -535,7 +538,6 @@ async fn three_instances_fire_each_timer_once_and_dispatch_each_attempt_once() {
 /// while it is down the instances answer UNAVAILABLE and health says NOT_SERVING; once it is
 /// back, no acknowledged job is lost and all complete.
 #[tokio::test]
-#[ignore = "needs multi-instance coordination (issue 7): un-ignored when the `cluster:` commit lands"]
 async fn a_database_restart_under_load_loses_no_acknowledged_job() {
     let Some(mut pg) = PgServer::start().await else {
         return;
