@@ -132,7 +132,7 @@ impl Instances {
 }
 
 /// Waits until the instance at `addr` answers `ListQueues` (bounded: 60 s).
-async fn ready(addr: &str) -> anyhow::Result<()> {
+pub async fn ready(addr: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let answered = match Client::connect(addr.to_owned()).await {

@@ -386,6 +386,8 @@ async fn run(
             let task = tokio::spawn(jobplane_server::run(listener, store, engine, async {
                 let _ = stop_rx.await;
             }));
+            // The service answers UNAVAILABLE ("starting") until its engine has recovered.
+            cluster::ready(&addr).await?;
             (vec![addr], Some((stop_tx, task)), None)
         }
     };
