@@ -4,6 +4,11 @@
 # pyyaml and prometheus-client (the metrics test's parser), the OpenTelemetry API, SDK, OTLP
 # exporter, protos and grpcio (the Python tracing tests and their OTLP receiver), the Python SDK
 # built and installed into it (`pip install ./sdk-python`), and cargo-nextest if it is missing.
+# grpcio is also how the Python suite's conftest waits for a server to serve (health checks).
+# PostgreSQL at 127.0.0.1:5432 (started with pg_ctlcluster if it is installed and not running)
+# runs the store suite, and a second run of the end-to-end and conformance tests (Rust and Python)
+# with JOBPLANE_TEST_BACKEND=postgres; without it those tests say "skipping" and pass, except under
+# CI=true.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -21,6 +26,12 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 .venv/bin/buf --version
 
+step "PostgreSQL at 127.0.0.1:5432"
+if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && command -v pg_ctlcluster >/dev/null; then
+  pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start
+fi
+pg_isready -h 127.0.0.1 -p 5432 || echo "no PostgreSQL: its tests will say \"skipping\""
+
 step "buf lint"
 (cd proto && ../.venv/bin/buf lint)
 
@@ -33,8 +44,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo build (the jobplane binary the end-to-end tests run)"
 cargo build --workspace --bins --locked
 
-step "cargo nextest (unit, property, store, end-to-end)"
-cargo nextest run --workspace --locked --no-fail-fast
+step "cargo nextest (unit, property, store, end-to-end and conformance on SQLite)"
+JOBPLANE_TEST_BACKEND=sqlite cargo nextest run --workspace --locked --no-fail-fast
+
+step "cargo nextest: end-to-end and conformance again on PostgreSQL"
+# The cluster tests are PostgreSQL-only whatever the backend: they ran in the step above.
+JOBPLANE_TEST_BACKEND=postgres cargo nextest run -p jobplane-tests --locked --no-fail-fast \
+  -E 'not test(/^cluster::/)'
 
 step "doc tests"
 cargo test --workspace --doc --locked
@@ -46,5 +62,9 @@ step "Python SDK: types (mypy --strict, stubtest against the installed package)"
 .venv/bin/python -m mypy --strict sdk-python/python/jobplane
 (cd sdk-python/tests && ../../.venv/bin/python -m mypy.stubtest jobplane --allowlist ../stubtest-allowlist.txt)
 
-step "Python SDK: pytest (real service; docstring and README examples included)"
-JOBPLANE_BIN="$PWD/target/debug/jobplane" .venv/bin/python -m pytest -q sdk-python/tests
+step "Python SDK: pytest (real service on SQLite; docstring and README examples included)"
+JOBPLANE_TEST_BACKEND=sqlite JOBPLANE_BIN="$PWD/target/debug/jobplane" .venv/bin/python -m pytest -q sdk-python/tests
+
+step "Python SDK: conformance and client tests again on PostgreSQL"
+JOBPLANE_TEST_BACKEND=postgres JOBPLANE_BIN="$PWD/target/debug/jobplane" .venv/bin/python -m pytest -q \
+  sdk-python/tests/test_conformance.py sdk-python/tests/test_client.py

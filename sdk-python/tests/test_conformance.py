@@ -1,5 +1,6 @@
 """The conformance corpus (tests/conformance/, schema in its README.md) driven through the Python
-SDK: one pytest test per scenario, each against its own `jobplane serve` on a fresh database.
+SDK: one pytest test per scenario, each against its own `jobplane serve` on a fresh database
+(SQLite, or PostgreSQL with JOBPLANE_TEST_BACKEND=postgres: see conftest.py).
 
 Scenarios listed in tests/conformance/known-failing-python.txt are strict xfails: their failure
 is expected, and their passing fails the run, so the list cannot go stale."""

@@ -1,6 +1,7 @@
 //! The Rust driver of the conformance corpus (`tests/conformance/README.md`): one test per
 //! scenario of `scenarios/*.yaml`, each against a real server of its own on `127.0.0.1:0` with a
-//! fresh database, driven through the Rust SDK.
+//! fresh database, driven through the Rust SDK. The database is SQLite, or PostgreSQL with
+//! `JOBPLANE_TEST_BACKEND=postgres` (`jobplane_tests::backend`).
 //!
 //! Scenarios listed in `known-failing-rust.txt` still run: their failure is expected and
 //! reported as a pass, and their passing fails the run, so the list cannot go stale.

@@ -5,7 +5,7 @@ use std::time::Duration;
 use jobplane::worker::JobContext;
 use jobplane::{JobSpec, JobState};
 use jobplane_proto::pb;
-use jobplane_tests::{guard, RawWorker, ServerProcess, TestServer};
+use jobplane_tests::{guard, RawWorker, ServerProcess, TestDir, TestServer};
 use tokio::sync::Mutex;
 
 use crate::spawn_worker;
@@ -213,8 +213,8 @@ async fn reconnect_within_the_lease_keeps_the_attempt() {
 
 #[tokio::test]
 async fn kill_9_during_submits_loses_no_acknowledged_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path()).await;
+    let dir = TestDir::new().await;
+    let server = ServerProcess::start_in(&dir).await;
     let client = jobplane::Client::connect(server.addr.clone())
         .await
         .unwrap();
@@ -251,8 +251,8 @@ async fn kill_9_during_submits_loses_no_acknowledged_job() {
     let acked: HashSet<String> = acked.lock().await.iter().cloned().collect();
     assert!(acked.len() >= 300);
 
-    // Restart on the same file: every acknowledged job is there.
-    let server = ServerProcess::start(dir.path()).await;
+    // Restart on the same database: every acknowledged job is there.
+    let server = ServerProcess::start_in(&dir).await;
     let client = jobplane::Client::connect(server.addr.clone())
         .await
         .unwrap();
@@ -268,8 +268,8 @@ async fn kill_9_during_submits_loses_no_acknowledged_job() {
 
 #[tokio::test]
 async fn sigterm_stops_gracefully_and_a_restart_resumes() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path()).await;
+    let dir = TestDir::new().await;
+    let server = ServerProcess::start_in(&dir).await;
     let client = jobplane::Client::connect(server.addr.clone())
         .await
         .unwrap();
@@ -284,7 +284,7 @@ async fn sigterm_stops_gracefully_and_a_restart_resumes() {
     assert!(server.terminate().await, "exit status 0 after SIGTERM");
     early.shutdown();
 
-    let server = ServerProcess::start(dir.path()).await;
+    let server = ServerProcess::start_in(&dir).await;
     let client = jobplane::Client::connect(server.addr.clone())
         .await
         .unwrap();

@@ -1,8 +1,11 @@
-//! Shared helpers of the end-to-end tests: a real server on `127.0.0.1:0` with a temp SQLite
-//! database (in-process through `jobplane_server::run`, or as a real `jobplane` process), SDK
-//! workers, and a raw protocol worker for the tests that must misbehave on purpose.
+//! Shared helpers of the end-to-end tests: a real server on `127.0.0.1:0` with a fresh database
+//! (in-process through `jobplane_server::run`, or as a real `jobplane` process), SDK workers, and
+//! a raw protocol worker for the tests that must misbehave on purpose. The database is SQLite or
+//! PostgreSQL as `JOBPLANE_TEST_BACKEND` says (see [`backend`]).
 
+pub mod backend;
 pub mod cluster;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -11,11 +14,14 @@ use std::time::Duration;
 
 use jobplane_proto::pb;
 use jobplane_server::engine::model::{Event, Job, JobFilter, JobId, Timestamp};
-use jobplane_server::store::{Recovered, Store, StoreError, Write};
+use jobplane_server::store::{Coordinator, Recovered, Store, StoreError, Write};
 use jobplane_server::EngineConfig;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+pub use backend::{Backend, TestDir};
 
 /// Generous guard for anything a test waits on; never a timing target.
 pub const GUARD: Duration = Duration::from_secs(30);
@@ -39,37 +45,108 @@ pub async fn guard<T>(what: &str, f: impl Future<Output = T>) -> T {
     }
 }
 
+/// The `jobplane.v1` services, as the health service names them.
+const SERVICES: [&str; 3] = [
+    "jobplane.v1.JobService",
+    "jobplane.v1.WorkerService",
+    "jobplane.v1.AdminService",
+];
+
+/// Waits (on the health Watch streams, no polling) until the server at `addr` serves every
+/// `jobplane.v1` service. An instance listens before it serves: it answers UNAVAILABLE
+/// ("starting") until it has recovered from the database and, on PostgreSQL, taken the lead.
+pub async fn wait_serving(addr: &str) {
+    guard("the server to serve jobplane.v1", async {
+        let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect for health");
+        for service in SERVICES {
+            let mut statuses = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+                .watch(tonic_health::pb::HealthCheckRequest {
+                    service: service.to_owned(),
+                })
+                .await
+                .expect("health watch")
+                .into_inner();
+            loop {
+                match statuses.message().await.expect("health watch message") {
+                    Some(s) if s.status() == ServingStatus::Serving => break,
+                    Some(_) => {}
+                    None => panic!("the health watch of {service} ended before it served"),
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// Waits until the server at `addr` answers calls itself, by asking for a job that does not
+/// exist until the answer is not UNAVAILABLE; for a server restarted on its database.
+///
+/// On PostgreSQL an instance started again on a database that names its previous run (another
+/// port) as the leader first follows that record: it reports SERVING and forwards calls to the
+/// dead address (UNAVAILABLE "the leader at … is unreachable") until it has taken the lead and
+/// recovered. That window is the service's, not the test's subject; the restart tests wait it
+/// out here.
+pub async fn wait_leading(addr: &str) {
+    guard("the restarted server to answer calls itself", async {
+        let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut jobs = pb::job_service_client::JobServiceClient::new(channel);
+        loop {
+            let probe = jobs
+                .get_job(pb::GetJobRequest {
+                    namespace: String::new(),
+                    id: uuid::Uuid::now_v7().to_string(),
+                })
+                .await;
+            match probe {
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                _ => return,
+            }
+        }
+    })
+    .await
+}
+
 /// A server running in this process.
 pub struct TestServer {
     /// `http://127.0.0.1:PORT`.
     pub addr: String,
     /// Database URL.
     pub db_url: String,
-    dir: Arc<tempfile::TempDir>,
+    dir: Arc<TestDir>,
     config: EngineConfig,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), jobplane_server::ServeError>>>,
 }
 
 impl TestServer {
-    /// Starts a server on a fresh database with [`fast_config`].
+    /// Starts a server on a fresh database with [`fast_config`]; returns once it serves.
     pub async fn start() -> TestServer {
         Self::start_with(fast_config()).await
     }
 
     /// Starts a server on a fresh database.
     pub async fn start_with(config: EngineConfig) -> TestServer {
-        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let dir = Arc::new(TestDir::new().await);
         Self::start_on(dir, config).await
     }
 
-    async fn start_on(dir: Arc<tempfile::TempDir>, config: EngineConfig) -> TestServer {
+    async fn start_on(dir: Arc<TestDir>, config: EngineConfig) -> TestServer {
         Self::start_wrapped(dir, config, |s| s).await
     }
 
     /// Starts a server whose store counts its reads (see [`CountingStore`]).
     pub async fn start_counting() -> (TestServer, Arc<CountingStore>) {
-        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let dir = Arc::new(TestDir::new().await);
         let counting = Arc::new(std::sync::Mutex::new(None));
         let c = counting.clone();
         let server = Self::start_wrapped(dir, fast_config(), move |inner| {
@@ -83,11 +160,11 @@ impl TestServer {
     }
 
     async fn start_wrapped(
-        dir: Arc<tempfile::TempDir>,
+        dir: Arc<TestDir>,
         config: EngineConfig,
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> TestServer {
-        let db_url = format!("sqlite://{}", dir.path().join("jobplane.db").display());
+        let db_url = dir.db_url().to_owned();
         let store = wrap(
             jobplane_server::store::open(&db_url)
                 .await
@@ -106,6 +183,7 @@ impl TestServer {
                 let _ = stopped.await;
             },
         ));
+        wait_serving(&addr).await;
         TestServer {
             addr,
             db_url,
@@ -123,7 +201,7 @@ impl TestServer {
             .expect("connect client")
     }
 
-    /// The directory holding the database.
+    /// The test's directory (holding the database with SQLite).
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -141,10 +219,13 @@ impl TestServer {
         }
     }
 
-    /// Stops and starts again on the same database (on a new port).
+    /// Stops and starts again on the same database (on a new port); returns once the new
+    /// server answers calls itself (see [`wait_leading`]).
     pub async fn restart(mut self) -> TestServer {
         self.stop().await;
-        Self::start_on(self.dir.clone(), self.config.clone()).await
+        let server = Self::start_on(self.dir.clone(), self.config.clone()).await;
+        wait_leading(&server.addr).await;
+        server
     }
 }
 
@@ -219,6 +300,9 @@ impl Store for CountingStore {
     async fn close(&self) {
         self.inner.close().await
     }
+    fn coordinator(&self) -> Option<Arc<dyn Coordinator>> {
+        self.inner.coordinator()
+    }
 }
 
 /// Path of the `jobplane` binary built alongside the tests.
@@ -245,6 +329,9 @@ pub struct ServerProcess {
     /// `http://127.0.0.1:PORT` of the Prometheus endpoint (`/metrics`).
     pub metrics: String,
     child: tokio::process::Child,
+    /// The database of a server started on a bare directory with PostgreSQL: dropped with it
+    /// (after the child, declared before it, is killed).
+    _db: Option<backend::PgDatabase>,
 }
 
 fn strip_ansi(s: &str) -> String {
@@ -265,8 +352,11 @@ fn strip_ansi(s: &str) -> String {
 }
 
 impl ServerProcess {
-    /// Starts `jobplane serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --db
-    /// sqlite://DIR/jobplane.db` and waits for its "serving" log line to learn the ports.
+    /// Starts `jobplane serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --db URL` and
+    /// waits for its "serving" log line to learn the ports. The database is
+    /// `sqlite://DIR/jobplane.db`, or with `JOBPLANE_TEST_BACKEND=postgres` a database of this
+    /// server's own, dropped with it: a test that restarts a server on the same database starts
+    /// it with [`ServerProcess::start_in`].
     pub async fn start(dir: &Path) -> ServerProcess {
         Self::start_with_env(dir, &[]).await
     }
@@ -274,7 +364,45 @@ impl ServerProcess {
     /// [`ServerProcess::start`] with these environment variables set (`Some`) or removed
     /// (`None`).
     pub async fn start_with_env(dir: &Path, env: &[(&str, Option<&str>)]) -> ServerProcess {
-        let db = format!("sqlite://{}", dir.join("jobplane.db").display());
+        match Backend::from_env() {
+            Backend::Sqlite => Self::spawn(&backend::sqlite_url(dir), env, None).await,
+            Backend::Postgres => {
+                // A second server on this directory would find an empty database, not the
+                // first one's: say so rather than let a restart test pass or fail for nothing.
+                let marker = dir.join("jobplane.postgres");
+                assert!(
+                    !marker.exists(),
+                    "a server already ran on {} with a database of its own, dropped with it: \
+                     restart on the same database with a TestDir and ServerProcess::start_in",
+                    dir.display()
+                );
+                std::fs::write(&marker, b"").expect("write the marker");
+                let db = backend::PgDatabase::create().await;
+                Self::spawn(&db.url.clone(), env, Some(db)).await
+            }
+        }
+    }
+
+    /// Starts `jobplane serve` on the database of `dir` (see [`ServerProcess::start`]); the
+    /// database stays with `dir`, so a server started again on it finds the same one. Returns
+    /// once the server answers calls itself (see [`wait_leading`]).
+    pub async fn start_in(dir: &TestDir) -> ServerProcess {
+        Self::start_in_with_env(dir, &[]).await
+    }
+
+    /// [`ServerProcess::start_in`] with these environment variables set (`Some`) or removed
+    /// (`None`).
+    pub async fn start_in_with_env(dir: &TestDir, env: &[(&str, Option<&str>)]) -> ServerProcess {
+        let server = Self::spawn(dir.db_url(), env, None).await;
+        wait_leading(&server.addr).await;
+        server
+    }
+
+    async fn spawn(
+        db: &str,
+        env: &[(&str, Option<&str>)],
+        own_db: Option<backend::PgDatabase>,
+    ) -> ServerProcess {
         let mut command = tokio::process::Command::new(jobplane_bin());
         for (name, value) in env {
             match value {
@@ -290,7 +418,7 @@ impl ServerProcess {
                 "--metrics-listen",
                 "127.0.0.1:0",
                 "--db",
-                &db,
+                db,
             ])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -334,10 +462,12 @@ impl ServerProcess {
             panic!("jobplane serve exited before serving");
         })
         .await;
+        wait_serving(&addr).await;
         ServerProcess {
             addr,
             metrics,
             child,
+            _db: own_db,
         }
     }
 
