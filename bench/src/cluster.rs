@@ -244,10 +244,15 @@ pub async fn cross_wake(a: &str, b: &str, rounds: usize) -> anyhow::Result<Histo
 }
 
 /// Transactions committed in the database per second while nothing is submitted: read from
-/// `pg_stat_database.xact_commit` over `secs` seconds, after a settling time so that the
-/// statistics of earlier work have been flushed (PostgreSQL 15 backends flush theirs at most
-/// once a second, and idle ones within 10 s). The probe's own reads are subtracted.
-pub async fn idle_queries_per_sec(db_url: &str, secs: u64) -> anyhow::Result<f64> {
+/// `pg_stat_database.xact_commit` over `windows` consecutive windows of `secs` seconds, after a
+/// settling time so that the statistics of earlier work have been flushed (a PostgreSQL 15
+/// backend flushes its counters at most once a second, and within 10 s of going idle). The
+/// probe's own reads (one transaction each) are subtracted.
+pub async fn idle_queries_per_sec(
+    db_url: &str,
+    secs: u64,
+    windows: usize,
+) -> anyhow::Result<Vec<f64>> {
     let mut conn = PgConnection::connect(db_url).await?;
     async fn commits(conn: &mut PgConnection) -> anyhow::Result<i64> {
         // A fresh snapshot each time (the statistics are cached within a transaction).
@@ -259,12 +264,17 @@ pub async fn idle_queries_per_sec(db_url: &str, secs: u64) -> anyhow::Result<f64
         Ok(n)
     }
     tokio::time::sleep(Duration::from_secs(11)).await;
-    let before = commits(&mut conn).await?;
-    let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    let after = commits(&mut conn).await?;
-    let elapsed = t0.elapsed().as_secs_f64();
+    let mut rates = Vec::with_capacity(windows);
+    let mut before = commits(&mut conn).await?;
+    for _ in 0..windows.max(1) {
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let after = commits(&mut conn).await?;
+        let elapsed = t0.elapsed().as_secs_f64();
+        // The previous read's own transaction is counted in between.
+        rates.push((after - before - 1).max(0) as f64 / elapsed);
+        before = after;
+    }
     conn.close().await?;
-    // The first probe's own transaction is counted in between.
-    Ok((after - before - 1).max(0) as f64 / elapsed)
+    Ok(rates)
 }

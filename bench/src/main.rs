@@ -98,6 +98,9 @@ struct Args {
     /// Length of the idle probe, in seconds.
     #[arg(long, default_value_t = 30)]
     idle_secs: u64,
+    /// Consecutive windows of the idle probe (each printed; the JSON's figure is the first).
+    #[arg(long, default_value_t = 1)]
+    idle_windows: usize,
     /// Jobs in the latency phase.
     #[arg(long, default_value_t = 1000)]
     latency_jobs: usize,
@@ -545,6 +548,7 @@ async fn run(
         );
     }
     let mut idle_qps = 0.0;
+    let mut idle_windows = Vec::new();
     if phases.contains("idle") {
         let db = bench_db
             .as_ref()
@@ -555,11 +559,16 @@ async fn run(
             args.workers,
             args.idle_secs
         );
-        idle_qps = cluster::idle_queries_per_sec(&db.url, args.idle_secs).await?;
-        eprintln!(
-            "  {idle_qps:.1} transactions/s committed in database {}",
-            db.name()
-        );
+        idle_windows =
+            cluster::idle_queries_per_sec(&db.url, args.idle_secs, args.idle_windows).await?;
+        idle_qps = idle_windows[0];
+        for (i, qps) in idle_windows.iter().enumerate() {
+            eprintln!(
+                "  window {}: {qps:.2} transactions/s committed in database {}",
+                i + 1,
+                db.name()
+            );
+        }
     }
 
     for w in workers {
@@ -612,7 +621,11 @@ async fn run(
         "phases": phases,
         "cross_wake_p50_ms": ms(&cross_wake, 0.5),
         "cross_wake_p99_ms": ms(&cross_wake, 0.99),
-        "idle_queries_per_sec": (idle_qps * 10.0).round() / 10.0,
+        "idle_queries_per_sec": (idle_qps * 100.0).round() / 100.0,
+        "idle_queries_per_sec_windows": idle_windows
+            .iter()
+            .map(|q| (q * 100.0).round() / 100.0)
+            .collect::<Vec<_>>(),
         "trace_export": args.trace_export,
         "spans_exported": spans_exported,
     });
