@@ -404,7 +404,8 @@ impl Cluster {
     }
 
     /// Starts `n` instances on `db`, one after the other (the first leads), and waits until one
-    /// of them leads.
+    /// of them leads and every one serves the jobplane.v1 services (a follower does once it
+    /// knows the leader).
     pub async fn start_on(db: TestDatabase, n: usize) -> Cluster {
         let mut instances = Vec::with_capacity(n);
         for i in 0..n {
@@ -412,6 +413,9 @@ impl Cluster {
         }
         let cluster = Cluster { instances, db };
         cluster.leader().await;
+        for i in cluster.live() {
+            wait_health(cluster.addr(i), JOB_SERVICE, ServingStatus::Serving).await;
+        }
         cluster
     }
 
@@ -489,11 +493,13 @@ impl Cluster {
         instance.kill9().await;
     }
 
-    /// Starts one more instance on the same database; returns its index.
+    /// Starts one more instance on the same database and waits until it serves; returns its
+    /// index.
     pub async fn add(&mut self) -> usize {
         let i = self.instances.len();
         self.instances
             .push(Some(Instance::start(&self.db.url, &format!("#{i}")).await));
+        wait_health(self.addr(i), JOB_SERVICE, ServingStatus::Serving).await;
         i
     }
 }
