@@ -13,12 +13,13 @@ use sqlx::{Connection, Executor, PgConnection};
 use tokio::sync::{mpsc, oneshot};
 
 /// A database the bench created for this run (`jp_bench_<uuid>` on the server of `--db`),
-/// dropped at the end unless kept.
+/// dropped when this value is (also when the bench fails) unless kept.
 pub struct BenchDb {
     /// The URL the instances use.
     pub url: String,
     name: String,
     server: String,
+    keep: bool,
 }
 
 /// `server` with its database replaced by `database`.
@@ -41,7 +42,7 @@ fn database_url(server: &str, database: &str) -> String {
 
 impl BenchDb {
     /// Creates a fresh database on the server `server` points at.
-    pub async fn create(server: &str) -> anyhow::Result<BenchDb> {
+    pub async fn create(server: &str, keep: bool) -> anyhow::Result<BenchDb> {
         let mut admin = PgConnection::connect(server)
             .await
             .with_context(|| format!("connect to {server}"))?;
@@ -54,22 +55,43 @@ impl BenchDb {
             url: database_url(server, &name),
             name,
             server: server.to_owned(),
+            keep,
         })
-    }
-
-    /// Drops the database (and whatever still connects to it).
-    pub async fn drop_db(self) -> anyhow::Result<()> {
-        let mut admin = PgConnection::connect(&self.server).await?;
-        admin
-            .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
-            .await?;
-        admin.close().await?;
-        Ok(())
     }
 
     /// The database's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+}
+
+impl Drop for BenchDb {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        let (server, name) = (self.server.clone(), self.name.clone());
+        // Drop may run inside the bench's runtime: a thread with a runtime of its own does the
+        // I/O. `WITH (FORCE)` ends whatever still connects (instances of a failed run).
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let mut admin = PgConnection::connect(&server).await?;
+                    admin
+                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                        .await?;
+                    admin.close().await?;
+                    anyhow::Ok(())
+                })
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("could not drop database {}: {e:#}", self.name),
+            Err(_) => eprintln!("could not drop database {}: the thread panicked", self.name),
+        }
     }
 }
 

@@ -352,8 +352,9 @@ async fn run(
         args.instances >= 1 && (args.instances == 1 || postgres),
         "--instances above 1 needs --db postgres://…"
     );
+    // Dropped when this value is, also when a phase fails (unless `--keep-db`).
     let bench_db = match (&args.db, postgres, &args.addr) {
-        (Some(server), true, None) => Some(cluster::BenchDb::create(server).await?),
+        (Some(server), true, None) => Some(cluster::BenchDb::create(server, args.keep_db).await?),
         _ => None,
     };
     let db_kind = match (&args.addr, postgres) {
@@ -584,9 +585,8 @@ async fn run(
     if let Some(db) = bench_db {
         if args.keep_db {
             eprintln!("kept database {}", db.url);
-        } else {
-            db.drop_db().await?;
         }
+        drop(db);
     }
     let mut spans_exported = 0;
     if let (Some(t), Some(r)) = (telemetry, &receiver) {
