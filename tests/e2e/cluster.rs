@@ -181,6 +181,90 @@ impl SubmitLoad {
     }
 }
 
+/// Workers (on every instance's address) whose handlers count their runs per job and how many
+/// run at once; each handler works 20 ms, so that attempts are running when a leader dies.
+struct CountingWorkers {
+    runs: Arc<Mutex<HashMap<String, u32>>>,
+    running: Arc<watch::Sender<usize>>,
+    handles: Vec<WorkerHandle>,
+}
+
+impl CountingWorkers {
+    fn start(addrs: &str, queue: &str, n: usize) -> CountingWorkers {
+        let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let running = Arc::new(watch::channel(0usize).0);
+        let handles = (0..n)
+            .map(|_| {
+                let (runs, running) = (runs.clone(), running.clone());
+                worker(addrs, queue, 8, move |ctx: JobContext| {
+                    let (runs, running) = (runs.clone(), running.clone());
+                    async move {
+                        *runs
+                            .lock()
+                            .unwrap()
+                            .entry(ctx.job_id().to_owned())
+                            .or_default() += 1;
+                        running.send_modify(|n| *n += 1);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        running.send_modify(|n| *n -= 1);
+                        Ok(Vec::new())
+                    }
+                })
+            })
+            .collect();
+        CountingWorkers {
+            runs,
+            running,
+            handles,
+        }
+    }
+
+    async fn stop(self) {
+        for w in self.handles {
+            w.stop().await.unwrap();
+        }
+    }
+}
+
+/// Every acknowledged job (by key) ends SUCCEEDED, with exactly one terminal event, its last;
+/// no key has two jobs; every job's handler ran. Returns the number of handler runs.
+async fn assert_each_succeeded_once(
+    cluster: &Cluster,
+    acked: &HashMap<String, String>,
+    workers: &CountingWorkers,
+) -> u32 {
+    let ids: Vec<String> = acked.values().cloned().collect();
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "one job per key");
+    let client = Client::connect(cluster.addrs()).await.unwrap();
+    let jobs = long_guard("every acknowledged job", wait_terminal(&client, &ids)).await;
+    let not_ok: Vec<_> = jobs
+        .iter()
+        .filter(|j| j.state != JobState::Succeeded)
+        .map(|j| (&j.id, j.state, &j.error))
+        .collect();
+    assert!(not_ok.is_empty(), "jobs that did not succeed: {not_ok:?}");
+    let events = cluster.db.events().await;
+    for id in &ids {
+        let states = state_events(events.get(id).map(Vec::as_slice).unwrap_or_default());
+        let terminal = states.iter().filter(|(_, to, _)| to.is_terminal()).count();
+        assert_eq!(terminal, 1, "job {id}: {states:?}");
+        assert!(
+            states.last().is_some_and(|(_, to, _)| to.is_terminal()),
+            "job {id}: the terminal event is the last: {states:?}"
+        );
+    }
+    let dup = cluster.db.keys_with_more_rows_than(1).await;
+    assert!(dup.is_empty(), "keys with several jobs: {dup:?}");
+    let runs = workers.runs.lock().unwrap().clone();
+    let never: Vec<_> = ids.iter().filter(|id| !runs.contains_key(*id)).collect();
+    assert!(
+        never.is_empty(),
+        "succeeded without a handler run: {never:?}"
+    );
+    runs.values().sum()
+}
+
 /// Pool of one unit; a job holds it through a worker connected only to instance B; a second
 /// job, submitted through instance A, waits on the pool; when the first completes, the second
 /// starts on a worker connected only to A.
@@ -369,81 +453,60 @@ async fn killing_the_leader_mid_load_ends_every_acknowledged_job_exactly_once() 
     };
     let (leader, epoch) = cluster.leader().await;
     let all = cluster.addrs();
-    let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let running = Arc::new(watch::channel(0usize).0);
-    let mut workers = Vec::new();
-    for _ in 0..3 {
-        let (runs, running) = (runs.clone(), running.clone());
-        workers.push(worker(&all, "failover", 8, move |ctx: JobContext| {
-            let (runs, running) = (runs.clone(), running.clone());
-            async move {
-                *runs
-                    .lock()
-                    .unwrap()
-                    .entry(ctx.job_id().to_owned())
-                    .or_default() += 1;
-                running.send_modify(|n| *n += 1);
-                // Long enough for attempts to be running when the leader dies.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                running.send_modify(|n| *n -= 1);
-                Ok(Vec::new())
-            }
-        }));
-    }
+    let workers = CountingWorkers::start(&all, "failover", 3);
     let mut load = SubmitLoad::start(&all, "failover", 6).await;
     let before_kill = load.wait_acked(300).await;
-    let mut running_rx = running.subscribe();
+    let mut running_rx = workers.running.subscribe();
     guard("handlers running", running_rx.wait_for(|n| *n >= 3))
         .await
         .unwrap();
-    let running_at_kill = *running.borrow();
+    let running_at_kill = *workers.running.borrow();
     cluster.kill9(leader).await;
     let (new_leader, new_epoch) = long_guard("a new leader", cluster.leader_after(epoch)).await;
     assert_ne!(new_leader, leader);
     assert!(new_epoch > epoch);
     load.wait_acked(before_kill + 300).await;
     let (acked, failures) = load.finish().await;
-    let ids: Vec<String> = acked.values().cloned().collect();
-    let distinct: HashSet<&String> = ids.iter().collect();
-    assert_eq!(distinct.len(), ids.len(), "one job per key");
-
-    let client = Client::connect(cluster.addrs()).await.unwrap();
-    let jobs = long_guard("every acknowledged job", wait_terminal(&client, &ids)).await;
-    let not_ok: Vec<_> = jobs
-        .iter()
-        .filter(|j| j.state != JobState::Succeeded)
-        .map(|j| (&j.id, j.state, &j.error))
-        .collect();
-    assert!(not_ok.is_empty(), "jobs that did not succeed: {not_ok:?}");
-    let events = cluster.db.events().await;
-    for id in &ids {
-        let states = state_events(events.get(id).map(Vec::as_slice).unwrap_or_default());
-        let terminal = states.iter().filter(|(_, to, _)| to.is_terminal()).count();
-        assert_eq!(terminal, 1, "job {id}: {states:?}");
-        assert!(
-            states.last().is_some_and(|(_, to, _)| to.is_terminal()),
-            "job {id}: the terminal event is the last: {states:?}"
-        );
-    }
-    let dup = cluster.db.keys_with_more_rows_than(1).await;
-    assert!(dup.is_empty(), "keys with several jobs: {dup:?}");
-    let runs = runs.lock().unwrap().clone();
-    let never: Vec<_> = ids.iter().filter(|id| !runs.contains_key(*id)).collect();
-    assert!(
-        never.is_empty(),
-        "succeeded without a handler run: {never:?}"
-    );
+    let runs = assert_each_succeeded_once(&cluster, &acked, &workers).await;
     eprintln!(
         "{} jobs acknowledged ({before_kill} before the kill, {running_at_kill} handlers running \
-         at the kill), {} handler runs, {} failed submits retried: {:?}",
-        ids.len(),
-        runs.values().sum::<u32>(),
+         at the kill), {runs} handler runs, {} failed submits retried: {:?}",
+        acked.len(),
         failures.len(),
         failures.iter().collect::<HashSet<_>>()
     );
-    for w in workers {
-        w.stop().await.unwrap();
-    }
+    workers.stop().await;
+}
+
+/// Two leaders killed one after the other, with a new instance joining in between, under load:
+/// the epochs grow, every acknowledged job ends exactly once.
+#[tokio::test]
+async fn successive_leader_kills_with_an_instance_joining_end_every_job_once() {
+    let Some(mut cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let (first, epoch1) = cluster.leader().await;
+    let all = cluster.addrs();
+    let workers = CountingWorkers::start(&all, "succession", 3);
+    let mut load = SubmitLoad::start(&all, "succession", 4).await;
+    let n = load.wait_acked(200).await;
+    cluster.kill9(first).await;
+    let (second, epoch2) = long_guard("a second leader", cluster.leader_after(epoch1)).await;
+    let joined = cluster.add().await;
+    let n = load.wait_acked(n + 200).await;
+    cluster.kill9(second).await;
+    let (third, epoch3) = long_guard("a third leader", cluster.leader_after(epoch2)).await;
+    assert!(epoch1 < epoch2 && epoch2 < epoch3);
+    load.wait_acked(n + 200).await;
+    let (acked, failures) = load.finish().await;
+    let runs = assert_each_succeeded_once(&cluster, &acked, &workers).await;
+    eprintln!(
+        "leaders #{first} (epoch {epoch1}), #{second} ({epoch2}), #{third} ({epoch3}); #{joined} \
+         joined; {} jobs acknowledged, {runs} handler runs, {} failed submits retried",
+        acked.len(),
+        failures.len()
+    );
+    workers.stop().await;
 }
 
 /// Run timeouts and retries with back-off under 3 instances: each (job, attempt) is dispatched
