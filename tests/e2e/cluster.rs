@@ -14,7 +14,7 @@ use std::time::Duration;
 use jobplane::worker::{JobContext, Worker, WorkerHandle};
 use jobplane::{Client, JobSpec, JobState, PoolConfig, PoolRequest, RetryPolicy, WaitMode};
 use jobplane_server::engine::model::EventKind;
-use jobplane_tests::cluster::{wait_health, Cluster, PgServer, TestDatabase, JOB_SERVICE};
+use jobplane_tests::cluster::{wait_health, Cluster, PgServer, TestDatabase, SERVICES};
 use jobplane_tests::guard;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -659,7 +659,9 @@ async fn a_database_restart_under_load_loses_no_acknowledged_job() {
     );
     for i in cluster.live() {
         let addr = cluster.addr(i);
-        wait_health(addr, JOB_SERVICE, ServingStatus::NotServing).await;
+        for service in SERVICES {
+            wait_health(addr, service, ServingStatus::NotServing).await;
+        }
         let c = cluster.client(i).await;
         let err = c
             .submit(JobSpec::new("restart").idempotency_key("while-down"))
@@ -684,11 +686,13 @@ async fn a_database_restart_under_load_loses_no_acknowledged_job() {
     eprintln!("every instance NOT_SERVING and answering UNAVAILABLE");
     pg.start_again().await;
     for i in cluster.live() {
-        long_guard(
-            "serving again",
-            wait_health(cluster.addr(i), JOB_SERVICE, ServingStatus::Serving),
-        )
-        .await;
+        for service in SERVICES {
+            long_guard(
+                "serving again",
+                wait_health(cluster.addr(i), service, ServingStatus::Serving),
+            )
+            .await;
+        }
     }
     let after_restart = load.wait_acked(0).await;
     load.wait_acked(after_restart + 100).await;

@@ -28,8 +28,15 @@ use super::{guard, jobplane_bin, strip_ansi};
 /// Where the PostgreSQL server binaries are (Debian's layout), for [`PgServer`].
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
-/// The jobplane.v1 services a health check can name.
+/// The job service's name, for health checks.
 pub const JOB_SERVICE: &str = "jobplane.v1.JobService";
+
+/// Every jobplane.v1 service, for health checks.
+pub const SERVICES: [&str; 3] = [
+    JOB_SERVICE,
+    "jobplane.v1.WorkerService",
+    "jobplane.v1.AdminService",
+];
 
 /// The PostgreSQL server the tests use: `JOBPLANE_TEST_POSTGRES`, or the local default.
 pub fn postgres_server() -> String {
