@@ -115,11 +115,6 @@ impl TestDatabase {
         })
     }
 
-    /// The database's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// A connection to this database.
     pub async fn connect(&self) -> PgConnection {
         guard(
@@ -362,19 +357,6 @@ impl Instance {
             .0
     }
 
-    /// Waits until this instance logs a line containing `text`.
-    pub async fn wait_log(&self, text: &str) -> String {
-        self.log
-            .wait(0, |l| l.contains(text).then(|| l.to_owned()))
-            .await
-            .0
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id().expect("running")
-    }
-
     /// Kills the process with SIGKILL and reaps it.
     pub async fn kill9(mut self) {
         self.child.start_kill().expect("kill -9");
@@ -452,15 +434,6 @@ impl Cluster {
             .join(",")
     }
 
-    /// Every instance's address, the killed ones too.
-    pub fn all_addrs(&self) -> Vec<String> {
-        self.instances
-            .iter()
-            .flatten()
-            .map(|i| i.addr.clone())
-            .collect()
-    }
-
     /// A client of instance `i` only.
     pub async fn client(&self, i: usize) -> jobplane::Client {
         jobplane::Client::connect(self.addr(i).to_owned())
@@ -509,21 +482,6 @@ impl Cluster {
         wait_health(self.addr(i), JOB_SERVICE, ServingStatus::Serving).await;
         i
     }
-}
-
-/// The health of `service` at `addr` (`Err` with the call's status when it fails).
-pub async fn health(addr: &str, service: &str) -> Result<ServingStatus, tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
-        .expect("endpoint")
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let r = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.to_owned(),
-        })
-        .await?;
-    Ok(r.into_inner().status())
 }
 
 /// Waits (on the health Watch stream, no polling) until `service` at `addr` reports `want`.
