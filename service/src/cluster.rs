@@ -184,7 +184,7 @@ async fn follow_current(
         }
         // None yet, or this instance's own stale record: it takes the lead in a moment.
         info => {
-            roles.down("electing a leader").await;
+            roles.electing("electing a leader").await;
             Ok(info.map(|i| i.epoch))
         }
     }
@@ -211,5 +211,151 @@ mod tests {
             assert!(d >= BACKOFF_MIN / 2 && d <= BACKOFF_MAX, "{n}: {d:?}");
         }
         assert!(backoff(30) >= BACKOFF_MAX / 2);
+    }
+}
+
+#[cfg(test)]
+mod recovery_tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+    use jobplane::JobSpec;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    use super::*;
+    use crate::engine::model::{Event, Job, JobFilter, JobId, Timestamp};
+    use crate::store::{Recovered, Write};
+
+    /// A store whose next commit fails when asked to.
+    struct Flaky {
+        inner: Arc<dyn Store>,
+        fail_next: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Store for Flaky {
+        async fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
+            if self.fail_next.swap(false, Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("injected failure".into()));
+            }
+            self.inner.apply(writes).await
+        }
+        async fn recover(&self) -> Result<Recovered, StoreError> {
+            self.inner.recover().await
+        }
+        async fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+            self.inner.get_job(id).await
+        }
+        async fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Job>, StoreError> {
+            self.inner.get_jobs(ids).await
+        }
+        async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
+            self.inner.list_jobs(filter).await
+        }
+        async fn events(
+            &self,
+            id: JobId,
+            after: u64,
+            limit: u32,
+        ) -> Result<Vec<Event>, StoreError> {
+            self.inner.events(id, after, limit).await
+        }
+        async fn prune_finished(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
+            self.inner.prune_finished(before, limit).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+        async fn close(&self) {
+            self.inner.close().await
+        }
+    }
+
+    /// Waits (30 s guard) until health reports `want` for the job service.
+    async fn health_becomes(
+        health: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+        want: ServingStatus,
+    ) {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let status = health.message().await.unwrap().expect("health stream open");
+                if status.status() == want {
+                    return;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("health never became {want:?}"));
+    }
+
+    /// A failed commit: the call is answered UNAVAILABLE, the instance steps down (health
+    /// NOT_SERVING), recovers from the database and serves again, with what was committed.
+    #[tokio::test]
+    async fn a_failed_commit_steps_down_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("jobplane.db").display());
+        let store = Arc::new(Flaky {
+            inner: crate::store::open(&url).await.unwrap(),
+            fail_next: AtomicBool::new(false),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(crate::run(
+            listener,
+            store.clone(),
+            EngineConfig::default(),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel)
+            .watch(HealthCheckRequest {
+                service: "jobplane.v1.JobService".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        health_becomes(&mut health, ServingStatus::Serving).await;
+        let client = jobplane::Client::connect(addr.to_string()).await.unwrap();
+        let kept = client.submit(JobSpec::new("q")).await.unwrap();
+
+        store.fail_next.store(true, Ordering::SeqCst);
+        let err = client.submit(JobSpec::new("q")).await.unwrap_err();
+        assert!(
+            matches!(err, jobplane::Error::Unavailable { .. }),
+            "{err:?}"
+        );
+        health_becomes(&mut health, ServingStatus::NotServing).await;
+        health_becomes(&mut health, ServingStatus::Serving).await;
+
+        let again = client.submit(JobSpec::new("q")).await.unwrap();
+        let jobs = client.list(Default::default()).await.unwrap();
+        let ids: Vec<_> = jobs.jobs.iter().map(|j| j.id.clone()).collect();
+        assert!(
+            ids.contains(&kept.job.id) && ids.contains(&again.job.id),
+            "{ids:?}"
+        );
+        assert_eq!(
+            ids.len(),
+            2,
+            "the failed submit left nothing behind: {ids:?}"
+        );
+
+        // (An open health watch would hold the graceful shutdown.)
+        drop((health, client));
+        let _ = stop_tx.send(());
+        tokio::time::timeout(Duration::from_secs(30), server)
+            .await
+            .expect("the server stopped")
+            .unwrap()
+            .unwrap();
     }
 }

@@ -230,13 +230,21 @@ pub async fn run_instance(
         tokio::spawn(metrics::serve(l, metrics.clone(), stopped))
     });
     let stop2 = stop.clone();
-    let signal = async move {
+    let signal_task = tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down");
         stop2.cancel();
-    };
+    });
+    let signal = stop.clone().cancelled_owned();
+    // Accept calls once the instance leads or follows (clients connecting meanwhile wait in the
+    // listen backlog), unless it is told to stop first.
+    tokio::select! {
+        _ = roles.settled() => {}
+        _ = stop.cancelled() => {}
+    }
     let result = api::serve(listener, roles, health, metrics, signal).await;
     stop.cancel();
+    signal_task.abort();
     api_done.cancel();
     if let Err(e) = instance.await {
         tracing::warn!(error = %e, "the instance loop panicked");

@@ -76,6 +76,8 @@ pub struct Roles {
     health: HealthReporter,
     /// Woken when a forwarded call could not reach the leader: the leader record is re-read.
     upstream_failed: tokio::sync::Notify,
+    /// True once the instance first led, followed or failed: calls are accepted from then on.
+    settled: tokio::sync::watch::Sender<bool>,
 }
 
 impl Roles {
@@ -85,6 +87,7 @@ impl Roles {
             current: RwLock::new(Arc::new(Role::Down(why.to_owned()))),
             health,
             upstream_failed: tokio::sync::Notify::new(),
+            settled: tokio::sync::watch::Sender::new(false),
         });
         roles.set_health(false).await;
         roles
@@ -124,6 +127,14 @@ impl Roles {
     pub async fn lead(&self, engine: Arc<Engine>) {
         self.replace(Role::Leader(Local::new(engine)));
         self.set_health(true).await;
+        self.settled.send_replace(true);
+    }
+
+    /// Resolves once the instance has first led, followed or failed (not while it is still
+    /// starting or a leader is being elected), so the first calls are not refused for nothing.
+    pub async fn settled(&self) {
+        let mut rx = self.settled.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
     }
 
     /// Forwards calls to the leader at `addr` (`http://HOST:PORT`); false if it already
@@ -148,6 +159,7 @@ impl Roles {
             gone: CancellationToken::new(),
         }));
         self.set_health(true).await;
+        self.settled.send_replace(true);
         Ok(true)
     }
 
@@ -158,6 +170,14 @@ impl Roles {
 
     /// Answers `UNAVAILABLE` (`why`) and reports NOT_SERVING.
     pub async fn down(&self, why: &str) {
+        self.replace(Role::Down(why.to_owned()));
+        self.set_health(false).await;
+        self.settled.send_replace(true);
+    }
+
+    /// [`Self::down`] for a moment (a leader is being elected): a starting instance keeps
+    /// waiting to accept calls.
+    pub async fn electing(&self, why: &str) {
         self.replace(Role::Down(why.to_owned()));
         self.set_health(false).await;
     }

@@ -218,17 +218,18 @@ impl PostgresStore {
             .map_err(|e| StoreError::Config(format!("PostgreSQL URL: {e}")))?;
         // The coordinator's sessions wait on a lock for as long as another instance leads: no
         // statement timeout for them.
-        // (Nor logging of its statements: the lock wait is slow on purpose.)
-        let coordination_opts = opts
-            .clone()
-            .application_name("jobplane-leader")
-            .disable_statement_logging();
+        let coordination_opts = opts.clone().application_name("jobplane-leader");
         if let Some(t) = settings.statement_timeout {
             opts = opts.options([("statement_timeout", format!("{}ms", t.as_millis().max(1)))]);
         }
         if opts.get_application_name().is_none() {
             opts = opts.application_name("jobplane");
         }
+        // sqlx logs each statement at DEBUG and slow ones at WARN, asking the subscriber after
+        // every statement whether that level is on; with the per-layer filters of trace export,
+        // that question leaves a stale answer on the thread and the next event of the service
+        // is dropped (tokio-rs/tracing#2519).
+        opts = opts.disable_statement_logging();
         let server = match opts.get_socket() {
             Some(socket) => socket.display().to_string(),
             None => format!("{}:{}", opts.get_host(), opts.get_port()),
@@ -1063,11 +1064,19 @@ impl Coordinator for PgCoordinator {
     }
 
     async fn leader(&self) -> Result<Option<LeaderInfo>, StoreError> {
-        let row: Option<(i64, String)> =
-            sqlx::query_as("SELECT epoch, addr FROM jobplane_leader WHERE id = 1")
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(pg)?;
+        // A record whose lock nobody holds is stale: its leader is gone and a candidate is
+        // about to take over (the two-key advisory lock shows in pg_locks as classid, objid).
+        let row: Option<(i64, String)> = sqlx::query_as(
+            "SELECT epoch, addr FROM jobplane_leader WHERE id = 1 AND EXISTS ( \
+                SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                AND classid = $1::int4::oid AND objid = hashtext(current_schema())::oid \
+                AND objsubid = 2)",
+        )
+        .bind(LOCK_SPACE)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(pg)?;
         Ok(row
             .filter(|(epoch, addr)| *epoch > 0 && !addr.is_empty())
             .map(|(epoch, addr)| LeaderInfo {

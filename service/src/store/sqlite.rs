@@ -16,6 +16,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
+use sqlx::ConnectOptions;
 use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
@@ -73,7 +74,10 @@ impl SqliteStore {
             .synchronous(synchronous)
             .busy_timeout(Duration::from_secs(10))
             .pragma("temp_store", "memory")
-            .pragma("cache_size", "-65536");
+            .pragma("cache_size", "-65536")
+            // No per-statement log checks: they can drop the service's own events
+            // (tokio-rs/tracing#2519; see postgres.rs).
+            .disable_statement_logging();
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)

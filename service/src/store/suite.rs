@@ -740,6 +740,8 @@ pub(crate) mod postgres {
                 .unwrap();
             assert!(b.get_job(first.id).await.unwrap().is_some());
             lead_b.resign().await;
+            // A record nobody holds the lead of is stale: no leader.
+            assert_eq!(b.coordinator().unwrap().leader().await.unwrap(), None);
             a.close().await;
             b.close().await;
         })
