@@ -212,7 +212,16 @@ impl Error {
             .map(|info| info.reason.clone())
             .filter(|r| !r.is_empty());
         let message = status.message().to_owned();
-        let code = status.code();
+        let mut code = status.code();
+        // A connection that broke mid-call (the service's process died, say) surfaces as
+        // UNKNOWN — or INTERNAL for an h2 error — with the transport error as its source; a
+        // status the service answered has none. For the caller that is the service being
+        // unavailable: retryable, and safe to retry with an idempotency key.
+        if matches!(code, Code::Unknown | Code::Internal)
+            && std::error::Error::source(&status).is_some()
+        {
+            code = Code::Unavailable;
+        }
         let status = Box::new(status);
         match code {
             Code::InvalidArgument => {
@@ -470,6 +479,21 @@ mod tests {
     fn with_info(code: Code, msg: &str, mut details: ErrorDetails, reason: &str) -> tonic::Status {
         details.set_error_info(reason, "jobplane", std::collections::HashMap::new());
         tonic::Status::with_error_details(code, msg, details)
+    }
+
+    #[test]
+    fn a_broken_connection_is_unavailable_and_retryable() {
+        let broken = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )));
+        assert_eq!(broken.code(), Code::Unknown);
+        let e = Error::from_status(broken);
+        assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+        assert!(e.is_retryable());
+        // An UNKNOWN the service answered stays what it is.
+        let answered = Error::from_status(tonic::Status::unknown("odd"));
+        assert!(!answered.is_retryable(), "{answered:?}");
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub(crate) async fn run(
     stop: CancellationToken,
     api_done: CancellationToken,
 ) {
+    roles.electing("starting").await;
     let coordinator = store.coordinator();
     let mut failures: u32 = 0;
     loop {

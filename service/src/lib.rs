@@ -215,7 +215,7 @@ pub async fn run_instance(
     let api_done = CancellationToken::new();
     let metrics = Arc::new(metrics::Metrics::new());
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    let roles = api::Roles::new(health_reporter, "starting").await;
+    let roles = api::Roles::new(health_reporter);
     let instance = tokio::spawn(cluster::run(
         store.clone(),
         advertise,
@@ -258,4 +258,14 @@ pub async fn run_instance(
     }
     store.close().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    /// Embedders spawn the service on their runtime: its futures must be `Send`.
+    #[allow(dead_code)]
+    fn serving_futures_are_send() {
+        fn spawnable<T: Send + 'static>(_: T) {}
+        spawnable(super::serve(super::ServeConfig::default(), async {}));
+    }
 }

@@ -81,16 +81,14 @@ pub struct Roles {
 }
 
 impl Roles {
-    /// Starts down (`why`), with every `jobplane.v1` service NOT_SERVING in `health`.
-    pub async fn new(health: HealthReporter, why: &str) -> Arc<Roles> {
-        let roles = Arc::new(Roles {
-            current: RwLock::new(Arc::new(Role::Down(why.to_owned()))),
+    /// Starts down ("starting"); health is set by the first role.
+    pub fn new(health: HealthReporter) -> Arc<Roles> {
+        Arc::new(Roles {
+            current: RwLock::new(Arc::new(Role::Down("starting".to_owned()))),
             health,
             upstream_failed: tokio::sync::Notify::new(),
             settled: tokio::sync::watch::Sender::new(false),
-        });
-        roles.set_health(false).await;
-        roles
+        })
     }
 
     fn current(&self) -> Arc<Role> {
@@ -132,9 +130,15 @@ impl Roles {
 
     /// Resolves once the instance has first led, followed or failed (not while it is still
     /// starting or a leader is being elected), so the first calls are not refused for nothing.
-    pub async fn settled(&self) {
+    pub fn settled(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut rx = self.settled.subscribe();
-        let _ = rx.wait_for(|s| *s).await;
+        async move {
+            while !*rx.borrow_and_update() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
     }
 
     /// Forwards calls to the leader at `addr` (`http://HOST:PORT`); false if it already

@@ -246,8 +246,7 @@ impl PostgresStore {
             .await
             .map_err(|_| unreachable(format!("no answer within {:?}", settings.connect_timeout)))?
             .map_err(|e| unreachable(e.to_string()))?;
-        MIGRATOR
-            .run(&mut conn)
+        migrate(&mut conn)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migrations: {e}")))?;
         conn.close().await.map_err(pg)?;
@@ -271,6 +270,12 @@ impl PostgresStore {
             coordinator,
         })
     }
+}
+
+/// Runs the migrations on `conn` (`run_direct`: `run`'s `Acquire` bound defeats the compiler's
+/// proof that the service's futures are `Send`, so embedders could not spawn them).
+async fn migrate(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run_direct(conn).await
 }
 
 /// All writes of one job in a batch, collapsed.
