@@ -468,6 +468,13 @@ async fn killing_the_leader_mid_load_ends_every_acknowledged_job_exactly_once() 
     load.wait_acked(before_kill + 300).await;
     let (acked, failures) = load.finish().await;
     let runs = assert_each_succeeded_once(&cluster, &acked, &workers).await;
+    // The attempts running at the kill survived it: their workers reconnected within their
+    // lease, through another instance, and the new leader let them finish — none ran twice.
+    assert_eq!(
+        runs as usize,
+        acked.len(),
+        "handler runs against jobs: an attempt running at the kill was run again"
+    );
     eprintln!(
         "{} jobs acknowledged ({before_kill} before the kill, {running_at_kill} handlers running \
          at the kill), {runs} handler runs, {} failed submits retried: {:?}",

@@ -41,7 +41,7 @@ impl Backend {
 }
 
 /// The PostgreSQL server the tests create their databases on.
-fn postgres_server() -> String {
+pub fn postgres_server() -> String {
     std::env::var(POSTGRES_VAR)
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
@@ -106,21 +106,26 @@ impl PgDatabase {
     /// module's documentation) and does not return.
     pub(crate) async fn create() -> PgDatabase {
         let server = postgres_server();
-        let mut admin = match admin_connection(&server).await {
-            Ok(conn) => conn,
+        match PgDatabase::create_on(&server, "jp_e2e").await {
+            Ok(db) => db,
             Err(why) => unreachable_server(&server, &why),
-        };
-        let name = format!("jp_e2e_{}", uuid::Uuid::new_v4().simple());
+        }
+    }
+
+    /// Creates `<prefix>_<uuid>` on the server at `server`; `Err` when it cannot be reached.
+    pub(crate) async fn create_on(server: &str, prefix: &str) -> Result<PgDatabase, String> {
+        let mut admin = admin_connection(server).await?;
+        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
         admin
             .execute(format!("CREATE DATABASE {name}").as_str())
             .await
             .unwrap_or_else(|e| panic!("CREATE DATABASE {name} on {server}: {e}"));
         let _ = admin.close().await;
-        PgDatabase {
-            url: database_url(&server, &name),
+        Ok(PgDatabase {
+            url: database_url(server, &name),
             name,
-            server,
-        }
+            server: server.to_owned(),
+        })
     }
 }
 

@@ -12,17 +12,18 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures::StreamExt;
 use jobplane_server::engine::model::EventKind;
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::{Connection, PgConnection};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+pub use super::backend::postgres_server;
+use super::backend::PgDatabase;
 use super::{guard, jobplane_bin, strip_ansi};
 
 /// Where the PostgreSQL server binaries are (Debian's layout), for [`PgServer`].
@@ -38,12 +39,6 @@ pub const SERVICES: [&str; 3] = [
     "jobplane.v1.AdminService",
 ];
 
-/// The PostgreSQL server the tests use: `JOBPLANE_TEST_POSTGRES`, or the local default.
-pub fn postgres_server() -> String {
-    std::env::var("JOBPLANE_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
 fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
@@ -56,31 +51,12 @@ pub fn skip(why: &str) {
     eprintln!("skipping: {why}");
 }
 
-/// `server` (a `postgres://` URL) with its database replaced by `database`.
-pub fn database_url(server: &str, database: &str) -> String {
-    let (base, query) = match server.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (server, None),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let path_start = base[authority_start..]
-        .find('/')
-        .map_or(base.len(), |i| authority_start + i);
-    let mut url = format!("{}/{database}", &base[..path_start]);
-    if let Some(q) = query {
-        url.push('?');
-        url.push_str(q);
-    }
-    url
-}
-
 /// A database of the test's own, dropped (`WITH (FORCE)`: the instances' connections too) when
 /// this value is dropped, also when the test panics.
 pub struct TestDatabase {
     /// Its URL, for `jobplane serve --db`.
     pub url: String,
-    name: String,
-    server: String,
+    _db: PgDatabase,
 }
 
 impl TestDatabase {
@@ -101,17 +77,10 @@ impl TestDatabase {
 
     /// Creates `jp_cluster_<uuid>` on the server at `server`.
     pub async fn create_on(server: &str) -> Result<TestDatabase, String> {
-        let mut admin = admin_connection(server).await?;
-        let name = format!("jp_cluster_{}", uuid::Uuid::new_v4().simple());
-        admin
-            .execute(format!("CREATE DATABASE {name}").as_str())
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = admin.close().await;
+        let db = PgDatabase::create_on(server, "jp_cluster").await?;
         Ok(TestDatabase {
-            url: database_url(server, &name),
-            name,
-            server: server.to_owned(),
+            url: db.url.clone(),
+            _db: db,
         })
     }
 
@@ -169,40 +138,6 @@ impl TestDatabase {
         .expect("count jobs per key");
         let _ = conn.close().await;
         rows
-    }
-}
-
-async fn admin_connection(server: &str) -> Result<PgConnection, String> {
-    match tokio::time::timeout(Duration::from_secs(5), PgConnection::connect(server)).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer within 5s".into()),
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let (server, name) = (self.server.clone(), self.name.clone());
-        // Drop runs inside the test's runtime: a thread with a runtime of its own does the I/O.
-        let dropped = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let mut admin = admin_connection(&server).await?;
-                admin
-                    .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let _ = admin.close().await;
-                Ok::<(), String>(())
-            })
-        })
-        .join();
-        if let Ok(Err(e)) | Err(e) = dropped.map_err(|_| "panicked".to_string()) {
-            eprintln!("could not drop database {}: {e}", self.name);
-        }
     }
 }
 
