@@ -26,6 +26,10 @@ pub mod telemetry;
 
 pub use engine::EngineConfig;
 
+/// How long a shutdown waits for calls still open after worker streams, waits and watches
+/// were ended.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Settings of `jobplane serve`.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -242,7 +246,20 @@ pub async fn run_instance(
         _ = roles.settled() => {}
         _ = stop.cancelled() => {}
     }
-    let result = api::serve(listener, roles, health, metrics, signal).await;
+    // Graceful: in-flight calls finish (worker streams, waits and watches end with `stop`); a
+    // call that still holds on after SHUTDOWN_GRACE (a health watch, say) is cut.
+    let serving = api::serve(listener, roles, health, metrics, signal);
+    let overdue = async {
+        stop.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let result = tokio::select! {
+        r = serving => r,
+        _ = overdue => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still open after the shutdown grace; closing them");
+            Ok(())
+        }
+    };
     stop.cancel();
     signal_task.abort();
     api_done.cancel();

@@ -36,7 +36,12 @@ pub fn to_status(e: EngineError) -> Status {
         EngineError::Unavailable(_) => (Code::Unavailable, "UNAVAILABLE"),
     };
     details.set_error_info(reason, DOMAIN, HashMap::<String, String>::new());
-    Status::with_error_details(code, e.to_string(), details)
+    let message = match e {
+        // The code already says "unavailable"; clients print it before the message.
+        EngineError::Unavailable(why) => why,
+        e => e.to_string(),
+    };
+    Status::with_error_details(code, message, details)
 }
 
 /// A bad-input status naming the field.
