@@ -57,6 +57,33 @@ def test_submit_work_wait_result(addr: str) -> None:
     assert not t.is_alive()
 
 
+def test_several_addresses_are_used_as_they_answer(addr: str) -> None:
+    """Several instances of one service: clients and workers take every address
+    (comma-separated) and use those that answer."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = "127.0.0.1:%d" % s.getsockname()[1]
+    both = f"{dead},{addr}"
+    client = jobplane.Client(both)
+    job = client.submit("several", payload={"n": 1})
+    worker = jobplane.Worker(queues=["several"], concurrency=1, addr=both)
+
+    @worker.handler("several")
+    def run(ctx: jobplane.JobContext) -> Dict[str, Any]:
+        return {"n": ctx.payload["n"] + 1}
+
+    t = run_worker(worker)
+    try:
+        w = client.wait(job.id, timeout=LONG)
+        assert w.reached and w.job.result == {"n": 2}
+    finally:
+        worker.stop()
+        t.join(LONG)
+    assert not t.is_alive()
+
+
 def test_errors_are_typed_and_name_the_field(addr: str) -> None:
     client = jobplane.Client(addr)
     with pytest.raises(jobplane.InvalidArgument) as e:

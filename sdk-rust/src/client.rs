@@ -92,6 +92,85 @@ pub(crate) fn endpoint(addr: &str) -> Result<Endpoint> {
         .keep_alive_while_idle(true))
 }
 
+/// How long one instance of several may take to accept a connection before the next is tried.
+const INSTANCE_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One endpoint for several instances (its settings, and the first address as the HTTP/2
+/// authority) and a connector that opens a TCP connection to the first instance that accepts
+/// one, starting at a random one (so clients spread over the instances) and going round the
+/// list. Each reconnect (the instance died, the connection broke) goes through it again.
+fn failover(
+    endpoints: Vec<Endpoint>,
+) -> (
+    Endpoint,
+    impl tower::Service<
+            tonic::codegen::http::Uri,
+            Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+            Error = std::io::Error,
+            Future = impl Send,
+        > + Send
+        + Clone
+        + 'static,
+) {
+    let authorities: Arc<[String]> = endpoints
+        .iter()
+        .filter_map(|e| {
+            let uri = e.uri();
+            let host = uri.host()?;
+            let port = uri
+                .port_u16()
+                .unwrap_or(if uri.scheme_str() == Some("https") {
+                    443
+                } else {
+                    80
+                });
+            Some(format!("{host}:{port}"))
+        })
+        .collect();
+    let start = Arc::new(std::sync::atomic::AtomicUsize::new(rand::random_range(
+        0..authorities.len().max(1),
+    )));
+    let endpoint = endpoints
+        .into_iter()
+        .next()
+        .expect("at least one endpoint")
+        .connect_timeout(INSTANCE_CONNECT_TIMEOUT * authorities.len() as u32);
+    let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
+        let (authorities, start) = (authorities.clone(), start.clone());
+        async move {
+            let n = authorities.len();
+            let first = start.load(std::sync::atomic::Ordering::Relaxed);
+            let mut last = std::io::Error::other("no instance address");
+            for i in 0..n {
+                let at = (first + i) % n;
+                let connect = tokio::net::TcpStream::connect(authorities[at].as_str());
+                match tokio::time::timeout(INSTANCE_CONNECT_TIMEOUT, connect).await {
+                    Ok(Ok(stream)) => {
+                        // Small messages (acks, reports) must not wait for Nagle's algorithm.
+                        stream.set_nodelay(true)?;
+                        start.store(at, std::sync::atomic::Ordering::Relaxed);
+                        return Ok(hyper_util::rt::TokioIo::new(stream));
+                    }
+                    Ok(Err(e)) => {
+                        last = std::io::Error::new(e.kind(), format!("{}: {e}", authorities[at]))
+                    }
+                    Err(_) => {
+                        last = std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "{}: no answer within {INSTANCE_CONNECT_TIMEOUT:?}",
+                                authorities[at]
+                            ),
+                        )
+                    }
+                }
+            }
+            Err(last)
+        }
+    });
+    (endpoint, connector)
+}
+
 /// `server.address` and `server.port` of an endpoint.
 fn server_addr(endpoint: &Endpoint) -> Option<Arc<ServerAddr>> {
     let uri = endpoint.uri();
@@ -117,7 +196,10 @@ fn endpoints(addr: &str) -> Result<Vec<Endpoint>> {
 
 impl Client {
     /// Connects to the service at `addr`, e.g. `http://127.0.0.1:7741` (`127.0.0.1:7741` works
-    /// too). Several addresses separated by commas are balanced over.
+    /// too). Several addresses separated by commas name instances of one service (on one
+    /// PostgreSQL database): the client holds one connection, to an instance chosen at random,
+    /// and when it cannot be reached or its connection breaks, connects to the next one that
+    /// answers.
     pub async fn connect(addr: impl Into<String>) -> Result<Client> {
         let mut endpoints = endpoints(&addr.into())?;
         if endpoints.len() == 1 {
@@ -129,10 +211,10 @@ impl Client {
                 ..Client::from_channel(channel)
             });
         }
-        // Several instances: the channel balances over them and skips unreachable ones.
-        Ok(Client::from_channel(Channel::balance_list(
-            endpoints.into_iter(),
-        )))
+        let (endpoint, connector) = failover(endpoints);
+        Ok(Client::from_channel(
+            endpoint.connect_with_connector(connector).await?,
+        ))
     }
 
     /// Like [`Client::connect`], but connects on first use instead of now; must be called within
@@ -147,9 +229,10 @@ impl Client {
                 ..Client::from_channel(endpoint.connect_lazy())
             });
         }
-        Ok(Client::from_channel(Channel::balance_list(
-            endpoints.into_iter(),
-        )))
+        let (endpoint, connector) = failover(endpoints);
+        Ok(Client::from_channel(
+            endpoint.connect_with_connector_lazy(connector),
+        ))
     }
 
     /// Connects to the address in `JOBPLANE_ADDR`, or to `http://127.0.0.1:7741`.

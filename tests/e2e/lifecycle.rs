@@ -250,3 +250,33 @@ async fn waiters_cost_no_queries_while_waiting() {
     );
     worker.stop().await.unwrap();
 }
+
+/// Several addresses (instances of one service): the client and the worker connect to one that
+/// answers, whichever of them is tried first; an address nothing listens on is skipped.
+#[tokio::test]
+async fn several_addresses_use_one_that_answers() {
+    let server = TestServer::start().await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    for addrs in [
+        format!("{dead},{}", server.addr),
+        format!("{},{dead}", server.addr),
+    ] {
+        let client = guard("connect", jobplane::Client::connect(addrs.clone()))
+            .await
+            .unwrap();
+        let worker = spawn_worker(&addrs, "several", 1, |_ctx: JobContext| async move {
+            Ok(b"done".to_vec())
+        });
+        for _ in 0..4 {
+            let s = client.submit(JobSpec::new("several")).await.unwrap();
+            let w = guard("wait", client.wait(&s.job.id, Duration::from_secs(20)))
+                .await
+                .unwrap();
+            assert_eq!(w.job.state, JobState::Succeeded, "{addrs}");
+        }
+        worker.stop().await.unwrap();
+    }
+}

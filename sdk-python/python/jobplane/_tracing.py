@@ -89,7 +89,9 @@ def _inject() -> Trace:
 
 
 def server_attributes(addr: str) -> Dict[str, AttributeValue]:
-    """``server.address`` and ``server.port`` of a client's address."""
+    """``server.address`` and ``server.port`` of a client's address (none for several)."""
+    if "," in addr:
+        return {}
     try:
         parts = urlsplit(addr if "://" in addr else "http://" + addr)
         out: Dict[str, AttributeValue] = {}
