@@ -6,8 +6,8 @@
 # built and installed into it (`pip install ./sdk-python`), and cargo-nextest if it is missing.
 # grpcio is also how the Python suite's conftest waits for a server to serve (health checks).
 # PostgreSQL at 127.0.0.1:5432 (started with pg_ctlcluster if it is installed and not running)
-# runs the store suite, and a second run of the end-to-end and conformance tests (Rust and Python)
-# with JOBPLANE_TEST_BACKEND=postgres; without it those tests say "skipping" and pass, except under
+# runs the store suite, the cluster tests, and a second run of the end-to-end and conformance tests
+# and of the whole Python suite with JOBPLANE_TEST_BACKEND=postgres; without it those tests say "skipping" and pass, except under
 # CI=true.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +65,5 @@ step "Python SDK: types (mypy --strict, stubtest against the installed package)"
 step "Python SDK: pytest (real service on SQLite; docstring and README examples included)"
 JOBPLANE_TEST_BACKEND=sqlite JOBPLANE_BIN="$PWD/target/debug/jobplane" .venv/bin/python -m pytest -q sdk-python/tests
 
-step "Python SDK: conformance and client tests again on PostgreSQL"
-JOBPLANE_TEST_BACKEND=postgres JOBPLANE_BIN="$PWD/target/debug/jobplane" .venv/bin/python -m pytest -q \
-  sdk-python/tests/test_conformance.py sdk-python/tests/test_client.py
+step "Python SDK: pytest again on PostgreSQL"
+JOBPLANE_TEST_BACKEND=postgres JOBPLANE_BIN="$PWD/target/debug/jobplane" .venv/bin/python -m pytest -q sdk-python/tests
