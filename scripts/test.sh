@@ -6,9 +6,9 @@
 # built and installed into it (`pip install ./sdk-python`), and cargo-nextest if it is missing.
 # grpcio is also how the Python suite's conftest waits for a server to serve (health checks).
 # PostgreSQL at 127.0.0.1:5432 (started with pg_ctlcluster if it is installed and not running)
-# runs the store suite, the cluster tests, and a second run of the end-to-end and conformance tests
-# and of the whole Python suite with JOBPLANE_TEST_BACKEND=postgres; without it those tests say "skipping" and pass, except under
-# CI=true.
+# runs the store suite, the cluster tests, and a second run of the end-to-end and conformance
+# tests and of the whole Python suite with JOBPLANE_TEST_BACKEND=postgres; without it those tests
+# say "skipping" and pass, except under CI=true.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
