@@ -356,6 +356,64 @@ async fn release_on_one_instance_wakes_a_waiter_on_another(n: usize) {
     worker_b.stop().await.unwrap();
 }
 
+/// A cancel through one follower wakes a waiter and a watcher connected to another follower
+/// (3 instances; neither of them leads).
+#[tokio::test]
+async fn a_cancel_on_one_instance_wakes_a_waiter_and_a_watcher_on_another() {
+    use futures::StreamExt;
+
+    let Some(cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let (leader, _) = cluster.leader().await;
+    let followers: Vec<usize> = cluster
+        .live()
+        .into_iter()
+        .filter(|i| *i != leader)
+        .collect();
+    let (a, b) = (followers[0], followers[1]);
+    let client_a = cluster.client(a).await;
+    let client_b = cluster.client(b).await;
+    // No worker serves the queue: the job waits until it is cancelled.
+    let job = client_a.submit(JobSpec::new("idle")).await.unwrap().job;
+    let mut events = client_a.watch(&job.id, 0);
+    let first = guard("the first event on A", events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!first.is_terminal());
+    let waiting = {
+        let client_a = client_a.clone();
+        let id = job.id.clone();
+        tokio::spawn(async move { client_a.wait(&id, Duration::from_secs(60)).await })
+    };
+
+    client_b.cancel(&job.id, None).await.unwrap();
+    let woke = guard("the waiter on A", waiting).await.unwrap().unwrap();
+    assert!(woke.reached);
+    assert_eq!(woke.job.state, JobState::Cancelled);
+    let terminal = guard("the watcher on A", async {
+        loop {
+            let e = events
+                .next()
+                .await
+                .expect("the watch ends after the terminal event")
+                .unwrap();
+            if e.is_terminal() {
+                return e;
+            }
+        }
+    })
+    .await;
+    assert!(matches!(
+        terminal.kind,
+        jobplane::EventKind::State {
+            to: JobState::Cancelled,
+            ..
+        }
+    ));
+}
+
 #[tokio::test]
 async fn two_instances_release_on_one_wakes_a_waiter_on_the_other() {
     release_on_one_instance_wakes_a_waiter_on_another(2).await;
