@@ -226,6 +226,33 @@ impl CountingWorkers {
     }
 }
 
+/// Every job of `ids` ends SUCCEEDED, with exactly one terminal event in its stored log, the
+/// last one.
+async fn assert_succeeded_with_one_terminal_event(
+    cluster: &Cluster,
+    client: &Client,
+    ids: &[String],
+) {
+    let jobs = long_guard("every acknowledged job", wait_terminal(client, ids)).await;
+    assert_eq!(jobs.len(), ids.len());
+    let not_ok: Vec<_> = jobs
+        .iter()
+        .filter(|j| j.state != JobState::Succeeded)
+        .map(|j| (&j.id, j.state, &j.error))
+        .collect();
+    assert!(not_ok.is_empty(), "jobs that did not succeed: {not_ok:?}");
+    let events = cluster.db.events().await;
+    for id in ids {
+        let states = state_events(events.get(id).map(Vec::as_slice).unwrap_or_default());
+        let terminal = states.iter().filter(|(_, to, _)| to.is_terminal()).count();
+        assert_eq!(terminal, 1, "job {id}: {states:?}");
+        assert!(
+            states.last().is_some_and(|(_, to, _)| to.is_terminal()),
+            "job {id}: the terminal event is the last: {states:?}"
+        );
+    }
+}
+
 /// Every acknowledged job (by key) ends SUCCEEDED, with exactly one terminal event, its last;
 /// no key has two jobs; every job's handler ran. Returns the number of handler runs.
 async fn assert_each_succeeded_once(
@@ -237,23 +264,7 @@ async fn assert_each_succeeded_once(
     let distinct: HashSet<&String> = ids.iter().collect();
     assert_eq!(distinct.len(), ids.len(), "one job per key");
     let client = Client::connect(cluster.addrs()).await.unwrap();
-    let jobs = long_guard("every acknowledged job", wait_terminal(&client, &ids)).await;
-    let not_ok: Vec<_> = jobs
-        .iter()
-        .filter(|j| j.state != JobState::Succeeded)
-        .map(|j| (&j.id, j.state, &j.error))
-        .collect();
-    assert!(not_ok.is_empty(), "jobs that did not succeed: {not_ok:?}");
-    let events = cluster.db.events().await;
-    for id in &ids {
-        let states = state_events(events.get(id).map(Vec::as_slice).unwrap_or_default());
-        let terminal = states.iter().filter(|(_, to, _)| to.is_terminal()).count();
-        assert_eq!(terminal, 1, "job {id}: {states:?}");
-        assert!(
-            states.last().is_some_and(|(_, to, _)| to.is_terminal()),
-            "job {id}: the terminal event is the last: {states:?}"
-        );
-    }
+    assert_succeeded_with_one_terminal_event(cluster, &client, &ids).await;
     let dup = cluster.db.keys_with_more_rows_than(1).await;
     assert!(dup.is_empty(), "keys with several jobs: {dup:?}");
     let runs = workers.runs.lock().unwrap().clone();
@@ -785,20 +796,7 @@ async fn a_database_restart_under_load_loses_no_acknowledged_job() {
             .map(|s| s.job.id),
     );
     release.add_permits(1_000);
-    let jobs = long_guard("every acknowledged job", wait_terminal(&client, &acked)).await;
-    assert_eq!(jobs.len(), acked.len());
-    let not_ok: Vec<_> = jobs
-        .iter()
-        .filter(|j| j.state != JobState::Succeeded)
-        .map(|j| (&j.id, j.state, &j.error))
-        .collect();
-    assert!(not_ok.is_empty(), "jobs that did not succeed: {not_ok:?}");
-    let events = cluster.db.events().await;
-    for id in &acked {
-        let states = state_events(events.get(id).map(Vec::as_slice).unwrap_or_default());
-        let terminal = states.iter().filter(|(_, to, _)| to.is_terminal()).count();
-        assert_eq!(terminal, 1, "job {id}: {states:?}");
-    }
+    assert_succeeded_with_one_terminal_event(&cluster, &client, &acked).await;
     for w in workers {
         w.stop().await.unwrap();
     }
