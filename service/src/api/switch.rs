@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,6 +23,8 @@ use tonic::codegen::http;
 use tonic::server::NamedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::server::HealthReporter;
 use tower::{Service, ServiceExt};
 
@@ -62,7 +65,14 @@ struct Upstream {
     channel: Channel,
     /// Cancelled when this instance stops forwarding to it: streams in flight end then.
     gone: CancellationToken,
+    /// False after a forwarded call could not reach it, until one gets through again: health
+    /// reports NOT_SERVING meanwhile.
+    reachable: AtomicBool,
 }
+
+/// First and longest pause between probes of a leader found unreachable.
+const PROBE_MIN: Duration = Duration::from_millis(200);
+const PROBE_MAX: Duration = Duration::from_secs(5);
 
 enum Role {
     Down(String),
@@ -161,6 +171,7 @@ impl Roles {
             addr: addr.to_owned(),
             channel,
             gone: CancellationToken::new(),
+            reachable: AtomicBool::new(true),
         }));
         self.set_health(true).await;
         self.settled.send_replace(true);
@@ -170,6 +181,57 @@ impl Roles {
     /// Resolves when a forwarded call could not reach the leader.
     pub async fn upstream_failed(&self) {
         self.upstream_failed.notified().await
+    }
+
+    /// A forwarded call reached the leader of `role` (`true`) or could not (`false`). On a
+    /// change, health follows (if `role` is still current), and an unreachable leader is probed
+    /// (its health service, with back-off) until it answers or the role changes, so the
+    /// instance serves again without waiting for a caller to try.
+    fn upstream_reached(self: &Arc<Self>, role: &Arc<Role>, reached: bool) {
+        let Role::Follower(up) = &**role else {
+            return;
+        };
+        if up.reachable.swap(reached, Ordering::SeqCst) == reached {
+            return;
+        }
+        let (roles, role) = (self.clone(), role.clone());
+        tokio::spawn(async move {
+            let Role::Follower(up) = &*role else {
+                return;
+            };
+            if !Arc::ptr_eq(&roles.current(), &role) {
+                return;
+            }
+            if reached {
+                tracing::info!(leader = %up.addr, "the leader is reachable again");
+                roles.set_health(true).await;
+                return;
+            }
+            tracing::warn!(leader = %up.addr, "the leader is unreachable; NOT_SERVING until it answers");
+            roles.set_health(false).await;
+            let mut pause = PROBE_MIN;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = up.gone.cancelled() => return,
+                }
+                if up.reachable.load(Ordering::SeqCst) {
+                    return;
+                }
+                let probe = tokio::time::timeout(
+                    PROBE_MAX,
+                    HealthClient::new(up.channel.clone()).check(HealthCheckRequest {
+                        service: String::new(),
+                    }),
+                )
+                .await;
+                if matches!(probe, Ok(Ok(_))) {
+                    roles.upstream_reached(&role, true);
+                    return;
+                }
+                pause = (pause * 2).min(PROBE_MAX);
+            }
+        });
     }
 
     /// Answers `UNAVAILABLE` (`why`) and reports NOT_SERVING.
@@ -276,6 +338,7 @@ where
                 let addr = up.addr.clone();
                 let gone = up.gone.clone();
                 let roles = self.roles.clone();
+                let role = role.clone();
                 req.headers_mut()
                     .insert(FORWARDED, http::HeaderValue::from_static("1"));
                 Box::pin(async move {
@@ -287,15 +350,19 @@ where
                         }
                     };
                     Ok(match resp {
-                        Ok(resp) => resp.map(|body| {
-                            Body::new(Cut {
-                                inner: body,
-                                gone: Box::pin(gone.cancelled_owned()),
-                                done: false,
+                        Ok(resp) => {
+                            roles.upstream_reached(&role, true);
+                            resp.map(|body| {
+                                Body::new(Cut {
+                                    inner: body,
+                                    gone: Box::pin(gone.cancelled_owned()),
+                                    done: false,
+                                })
                             })
-                        }),
+                        }
                         Err(e) => {
                             roles.upstream_failed.notify_one();
+                            roles.upstream_reached(&role, false);
                             unavailable(format!("the leader at {addr} is unreachable: {e}"))
                         }
                     })
@@ -358,5 +425,71 @@ impl http_body::Body for Cut {
 
     fn is_end_stream(&self) -> bool {
         self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_server::Health;
+
+    use super::*;
+
+    /// A follower whose leader cannot be reached reports NOT_SERVING, probes it, and reports
+    /// SERVING again once it answers.
+    #[tokio::test]
+    async fn an_unreachable_leader_makes_a_follower_not_serving_until_it_answers() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let reporter = HealthReporter::new();
+        let health = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        let roles = Roles::new(reporter);
+        assert!(roles
+            .follow(&format!("http://127.0.0.1:{port}"))
+            .await
+            .unwrap());
+        let mut statuses = health
+            .watch(tonic::Request::new(HealthCheckRequest {
+                service: "jobplane.v1.JobService".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut next_status = async || {
+            tokio::time::timeout(Duration::from_secs(30), statuses.next())
+                .await
+                .expect("a health change")
+                .expect("the watch is open")
+                .unwrap()
+                .status()
+        };
+        assert_eq!(next_status().await, ServingStatus::Serving);
+
+        let (mut jobs, _, _) = services(&roles);
+        let req = http::Request::builder()
+            .uri("/jobplane.v1.JobService/GetJob")
+            .header("content-type", "application/grpc")
+            .body(Body::empty())
+            .unwrap();
+        let resp = jobs.call(req).await.unwrap();
+        let status = Status::from_header_map(resp.headers()).expect("a status");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(next_status().await, ServingStatus::NotServing);
+
+        // The leader comes up at that address: the probe finds it.
+        let (_, leader_health) = tonic_health::server::health_reporter();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(leader_health)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        assert_eq!(next_status().await, ServingStatus::Serving);
+        server.abort();
     }
 }
