@@ -18,7 +18,8 @@
 //! With `--db postgres://HOST/DB` the bench creates a fresh database on that server
 //! (`jp_bench_<uuid>`, dropped at the end) and runs `--instances N` whole services in this process
 //! on it (`jobplane_server::serve`, each on its own port; one leads, the others forward); the
-//! client balances over all of them and the workers are spread over them. Two more phases are
+//! client is given every address (one connection, to an instance chosen at random, failing over
+//! to the next) and the workers are spread over them. Two more phases are
 //! meant for that (`--phases cross-wake,idle`): release → wake across instances (the holder's
 //! worker on one instance, the waiter's on another) and the queries per second an idle cluster
 //! costs the database.
@@ -81,7 +82,7 @@ struct Args {
     #[arg(long)]
     keep_db: bool,
     /// In-process instances on the same database (more than one needs PostgreSQL); the client
-    /// balances over them and worker `i` connects to instance `i mod N`.
+    /// is given every address and worker `i` connects to instance `i mod N`.
     #[arg(long, default_value_t = 1)]
     instances: usize,
     /// Phases to run, comma-separated: submit-only, batched, unbatched, latency, pools, sched,
