@@ -618,3 +618,57 @@ async fn the_cli_workers_command_and_json_logs_continue_the_process_span() {
         .expect("the worker's first line");
     assert!(running.get("trace_id").is_none(), "{running}");
 }
+
+/// A call through a follower: the leader's server span is a child of the follower's, which
+/// continues the caller's trace (one trace across the forwarding hop).
+#[tokio::test]
+async fn a_forwarded_call_is_traced_through_the_follower_to_the_leader() {
+    use jobplane_tests::cluster::{wait_health, Instance, TestDatabase, JOB_SERVICE};
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let (endpoint, mut received) = start_receiver().await;
+    let vars = env(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ]);
+    let leader = Instance::start_with_env(&db.url, "leader", &vars).await;
+    leader.wait_leading(1).await;
+    let follower = Instance::start_with_env(&db.url, "follower", &vars).await;
+    wait_health(&follower.addr, JOB_SERVICE, ServingStatus::Serving).await;
+
+    let client = Client::connect(&follower.addr).await.unwrap();
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_SPAN_ID}-01");
+    client
+        .submit(JobSpec::new("forwarded").traceparent(traceparent))
+        .await
+        .unwrap();
+
+    let mut submits = Vec::new();
+    guard("both SubmitJob spans", async {
+        while submits.len() < 2 {
+            let r = received.recv().await.expect("receiver running");
+            if r.span.name == "jobplane.v1.JobService/SubmitJob" {
+                submits.push(r.span);
+            }
+        }
+    })
+    .await;
+    let at_follower = submits
+        .iter()
+        .find(|s| hex(&s.parent_span_id) == PARENT_SPAN_ID)
+        .expect("the follower's span continues the caller's");
+    let at_leader = submits
+        .iter()
+        .find(|s| s.span_id != at_follower.span_id)
+        .expect("the leader's span");
+    assert_eq!(hex(&at_leader.trace_id), TRACE_ID);
+    assert_eq!(
+        hex(&at_leader.parent_span_id),
+        hex(&at_follower.span_id),
+        "the leader's span is the follower's child"
+    );
+    drop((leader, follower));
+}

@@ -244,7 +244,24 @@ impl Instance {
     /// Starts `jobplane serve --db URL --listen 127.0.0.1:0 --metrics-listen off` and waits for
     /// its "jobplane serving" line to learn the port.
     pub async fn start(db_url: &str, label: &str) -> Instance {
-        let mut child = tokio::process::Command::new(jobplane_bin())
+        Instance::start_with_env(db_url, label, &[]).await
+    }
+
+    /// [`Instance::start`] with environment variables set (`Some`) or removed (`None`).
+    pub async fn start_with_env(
+        db_url: &str,
+        label: &str,
+        env: &[(&str, Option<&str>)],
+    ) -> Instance {
+        let mut command = tokio::process::Command::new(jobplane_bin());
+        command.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+        for (k, v) in env {
+            match v {
+                Some(v) => command.env(k, v),
+                None => command.env_remove(k),
+            };
+        }
+        let mut child = command
             .args([
                 "serve",
                 "--db",
@@ -256,7 +273,6 @@ impl Instance {
             ])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)

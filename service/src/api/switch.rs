@@ -342,6 +342,8 @@ where
                 req.headers_mut()
                     .insert(FORWARDED, http::HeaderValue::from_static("1"));
                 Box::pin(async move {
+                    // (Inside the call's server span, which instruments this future.)
+                    super::trace::forward_context(req.headers_mut());
                     let call = channel.oneshot(req);
                     let resp = tokio::select! {
                         r = call => r,

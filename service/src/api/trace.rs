@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::Body as HttpBody;
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tonic::codegen::http;
@@ -57,6 +57,34 @@ fn split_path(path: &str) -> (&str, &str) {
             (service, method)
         }
         _ => ("unknown", "unknown"),
+    }
+}
+
+/// Writes W3C trace context into request headers.
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// A call forwarded to the leader continues this instance's server span of it (the current
+/// span), when traces are exported: the leader's span becomes its child instead of a sibling.
+/// Otherwise the caller's trace context goes on unchanged.
+pub(crate) fn forward_context(headers: &mut http::HeaderMap) {
+    let call = Span::current();
+    if call.is_disabled() {
+        return;
+    }
+    let cx = call.context();
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
     }
 }
 
