@@ -53,19 +53,36 @@ const SERVICES: [&str; 3] = [
 ];
 
 /// Waits (on the health Watch streams, no polling) until the server at `addr` serves every
-/// `jobplane.v1` service. An instance listens before it serves: it answers UNAVAILABLE
-/// ("starting") until it has recovered from the database and, on PostgreSQL, taken the lead.
+/// `jobplane.v1` service (an instance accepts calls once it leads or follows).
 pub async fn wait_serving(addr: &str) {
-    guard("the server to serve jobplane.v1", async {
+    wait_health_of(addr, &SERVICES, "the server to serve jobplane.v1").await
+}
+
+/// Waits (on the health Watch stream, no polling) until the server at `addr` leads: its
+/// `jobplane.leader` health entry is SERVING. For a server started again on its database: on
+/// PostgreSQL it may follow its previous run's record for a moment (until PostgreSQL has ended
+/// that run's session) before it takes the lead and recovers.
+pub async fn wait_leading(addr: &str) {
+    wait_health_of(
+        addr,
+        &[jobplane_server::api::LEADER_HEALTH],
+        "the server to lead",
+    )
+    .await
+}
+
+/// Waits until each of `services` is SERVING on the health Watch stream of `addr`.
+async fn wait_health_of(addr: &str, services: &[&str], what: &str) {
+    guard(what, async {
         let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
             .expect("endpoint")
             .connect()
             .await
             .expect("connect for health");
-        for service in SERVICES {
+        for service in services {
             let mut statuses = tonic_health::pb::health_client::HealthClient::new(channel.clone())
                 .watch(tonic_health::pb::HealthCheckRequest {
-                    service: service.to_owned(),
+                    service: (*service).to_owned(),
                 })
                 .await
                 .expect("health watch")
@@ -76,40 +93,6 @@ pub async fn wait_serving(addr: &str) {
                     Some(_) => {}
                     None => panic!("the health watch of {service} ended before it served"),
                 }
-            }
-        }
-    })
-    .await
-}
-
-/// Waits until the server at `addr` answers calls itself, by asking for a job that does not
-/// exist until the answer is not UNAVAILABLE; for a server restarted on its database.
-///
-/// On PostgreSQL an instance started again on a database that names its previous run (another
-/// port) as the leader first follows that record: it reports SERVING and forwards calls to the
-/// dead address (UNAVAILABLE "the leader at … is unreachable") until it has taken the lead and
-/// recovered. That window is the service's, not the test's subject; the restart tests wait it
-/// out here.
-pub async fn wait_leading(addr: &str) {
-    guard("the restarted server to answer calls itself", async {
-        let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
-        let mut jobs = pb::job_service_client::JobServiceClient::new(channel);
-        loop {
-            let probe = jobs
-                .get_job(pb::GetJobRequest {
-                    namespace: String::new(),
-                    id: uuid::Uuid::now_v7().to_string(),
-                })
-                .await;
-            match probe {
-                Err(s) if s.code() == tonic::Code::Unavailable => {
-                    tokio::time::sleep(Duration::from_millis(10)).await
-                }
-                _ => return,
             }
         }
     })

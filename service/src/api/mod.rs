@@ -10,7 +10,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::metrics::Metrics;
 use crate::ServeError;
-pub use switch::Roles;
+pub use switch::{Roles, LEADER_HEALTH};
 
 mod admin;
 pub mod convert;

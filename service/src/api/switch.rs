@@ -31,6 +31,10 @@ use tower::{Service, ServiceExt};
 use super::{admin, job, worker, MAX_MESSAGE};
 use crate::engine::Engine;
 
+/// The health-check name that is SERVING only on the instance that leads (NOT_SERVING on the
+/// others): tells operators, and tests, which instance leads, without polling.
+pub const LEADER_HEALTH: &str = "jobplane.leader";
+
 /// Marks a call one instance forwarded to another: the receiver must serve it itself, never
 /// forward it again (a stale leader record cannot make calls go round in circles).
 const FORWARDED: &str = "jobplane-forwarded";
@@ -117,6 +121,16 @@ impl Roles {
 
     async fn set_health(&self, serving: bool) {
         let h = &self.health;
+        let leads = serving && self.leads();
+        h.set_service_status(
+            LEADER_HEALTH,
+            if leads {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            },
+        )
+        .await;
         macro_rules! set {
             ($svc:ty) => {
                 if serving {
