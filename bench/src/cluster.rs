@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use jobplane::worker::{JobContext, Worker};
-use jobplane::{Client, JobSpec, JobState, PoolConfig, PoolRequest, WaitMode, WaitOptions};
+use jobplane::{Client, JobSpec, PoolConfig, PoolRequest};
 use sqlx::{Connection, Executor, PgConnection};
 use tokio::sync::{mpsc, oneshot};
 
@@ -232,34 +232,16 @@ pub async fn cross_wake(a: &str, b: &str, rounds: usize) -> anyhow::Result<Histo
             .spawn()
     };
     let spec = |queue: &str| JobSpec::new(queue).pool(PoolRequest::new("bench-xwake"));
-    let mut h = Histogram::<u64>::new(3)?;
-    for _ in 0..rounds {
-        let holder = client_b.submit(spec("bench-xwake-hold")).await?.job.id;
-        client_b
-            .wait(
-                &holder,
-                WaitOptions::new()
-                    .until([JobState::Running])
-                    .timeout(Duration::from_secs(30)),
-            )
-            .await?;
-        let (start_tx, start_rx) = oneshot::channel();
-        *started.lock().expect("started") = Some(start_tx);
-        let waiter = client_a.submit(spec("bench-xwake-wait")).await?.job.id;
-        anyhow::ensure!(
-            client_a.get(&waiter).await?.state == JobState::Queued,
-            "the waiter must wait for the unit"
-        );
-        let (done_tx, done_rx) = oneshot::channel();
-        release_tx.send(done_tx)?;
-        let released = done_rx.await?;
-        let woke = start_rx.await?;
-        h.record(woke.duration_since(released).as_micros() as u64)?;
-        let r = client_a
-            .wait_many([holder, waiter], WaitMode::All, Duration::from_secs(30))
-            .await?;
-        anyhow::ensure!(r.reached, "cross-wake jobs finished");
-    }
+    let h = crate::pools::wake_rounds(
+        &client_b,
+        &client_a,
+        || spec("bench-xwake-hold"),
+        || spec("bench-xwake-wait"),
+        &started,
+        &release_tx,
+        rounds,
+    )
+    .await?;
     holder_worker.stop().await?;
     waiter_worker.stop().await?;
     Ok(h)

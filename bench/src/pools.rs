@@ -56,10 +56,38 @@ pub async fn release_wake(
             .payload(payload)
             .pool(PoolRequest::new("bench-one"))
     };
+    let h = wake_rounds(
+        client,
+        client,
+        || spec("hold"),
+        || spec("wait"),
+        &started,
+        &release_tx,
+        rounds,
+    )
+    .await?;
+    worker.stop().await?;
+    Ok(h)
+}
+
+/// The measuring loop of a release → wake bench on a pool of one unit: each round, a holder
+/// (`hold`, through `holder_client`) takes the unit, a waiter (`wait`, through `waiter_client`)
+/// queues behind it, the holder's handler is let go through `release_tx` (it answers with when
+/// it returned) and the waiter's handler reports its start through `started`. Records, in
+/// microseconds, from the holder's return to the waiter's start.
+pub(crate) async fn wake_rounds(
+    holder_client: &Client,
+    waiter_client: &Client,
+    hold: impl Fn() -> JobSpec,
+    wait: impl Fn() -> JobSpec,
+    started: &Mutex<Option<oneshot::Sender<Instant>>>,
+    release_tx: &mpsc::UnboundedSender<oneshot::Sender<Instant>>,
+    rounds: usize,
+) -> anyhow::Result<Histogram<u64>> {
     let mut h = Histogram::<u64>::new(3)?;
     for _ in 0..rounds {
-        let holder = client.submit(spec("hold")).await?.job.id;
-        client
+        let holder = holder_client.submit(hold()).await?.job.id;
+        holder_client
             .wait(
                 &holder,
                 WaitOptions::new()
@@ -69,9 +97,9 @@ pub async fn release_wake(
             .await?;
         let (start_tx, start_rx) = oneshot::channel();
         *started.lock().expect("started") = Some(start_tx);
-        let waiter = client.submit(spec("wait")).await?.job.id;
+        let waiter = waiter_client.submit(wait()).await?.job.id;
         anyhow::ensure!(
-            client.get(&waiter).await?.state == JobState::Queued,
+            waiter_client.get(&waiter).await?.state == JobState::Queued,
             "the waiter must wait for the unit"
         );
         let (done_tx, done_rx) = oneshot::channel();
@@ -79,12 +107,11 @@ pub async fn release_wake(
         let released = done_rx.await?;
         let woke = start_rx.await?;
         h.record(woke.duration_since(released).as_micros() as u64)?;
-        let r = client
+        let r = waiter_client
             .wait_many([holder, waiter], WaitMode::All, Duration::from_secs(30))
             .await?;
-        anyhow::ensure!(r.reached, "release-wake jobs finished");
+        anyhow::ensure!(r.reached, "the round's jobs finished");
     }
-    worker.stop().await?;
     Ok(h)
 }
 
