@@ -336,9 +336,13 @@ impl Error {
         }
     }
 
-    /// The gRPC status code, if the error came from the service.
+    /// The gRPC status code, if the error came from the service. A call whose connection broke
+    /// is `UNAVAILABLE` here, like its variant, though the raw [`Error::status`] says UNKNOWN.
     pub fn code(&self) -> Option<Code> {
-        self.status().map(tonic::Status::code)
+        match self {
+            Error::Unavailable { .. } => Some(Code::Unavailable),
+            _ => self.status().map(tonic::Status::code),
+        }
     }
 
     /// The field named by an [`Error::InvalidArgument`].
@@ -490,6 +494,7 @@ mod tests {
         assert_eq!(broken.code(), Code::Unknown);
         let e = Error::from_status(broken);
         assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+        assert_eq!(e.code(), Some(Code::Unavailable));
         assert!(e.is_retryable());
         // An UNKNOWN the service answered stays what it is.
         let answered = Error::from_status(tonic::Status::unknown("odd"));

@@ -1,14 +1,17 @@
 //! jobplane server: one gRPC service that owns every job's state in a database.
 //!
 //! - [`engine`]: the state machine, dispatch, timers, waiters (no tonic, no sqlx);
-//! - [`store`]: the storage seam and its SQLite backend (the only place that knows sqlx);
+//! - [`store`]: the storage seam, its SQLite and PostgreSQL backends and the election of a leader
+//!   among instances on one database (the only place that knows sqlx);
 //! - [`api`]: the tonic services, proto ↔ domain conversion and error mapping;
 //! - [`metrics`]: the Prometheus metrics and their `/metrics` endpoint;
 //! - [`telemetry`]: OpenTelemetry trace export, configured by the `OTEL_*` variables.
 //!
 //! [`run`] is the seam tests use: it serves on a listener they bound (`127.0.0.1:0`) until a
 //! shutdown future resolves ([`run_with_metrics`] also serves `/metrics` on a second listener).
-//! [`serve`] is what `jobplane serve` calls.
+//! [`serve`] is what `jobplane serve` calls; [`run_instance`] is [`run_with_metrics`] with the
+//! address other instances reach this one at. The instance's life (lead or forward, step down
+//! and recover) is `cluster.rs`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -93,9 +96,6 @@ pub enum ServeError {
     /// The database failed.
     #[error("database: {0}")]
     Store(#[from] store::StoreError),
-    /// The engine failed to start or stopped after a database failure.
-    #[error("engine: {0}")]
-    Engine(#[from] engine::EngineError),
     /// The gRPC transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -218,8 +218,7 @@ pub async fn run_instance(
     let stop = CancellationToken::new();
     let api_done = CancellationToken::new();
     let metrics = Arc::new(metrics::Metrics::new());
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    let roles = api::Roles::new(health_reporter);
+    let roles = api::Roles::new();
     let instance = tokio::spawn(cluster::run(
         store.clone(),
         advertise,
@@ -248,7 +247,7 @@ pub async fn run_instance(
     }
     // Graceful: in-flight calls finish (worker streams, waits and watches end with `stop`); a
     // call that still holds on after SHUTDOWN_GRACE (a health watch, say) is cut.
-    let serving = api::serve(listener, roles, health, metrics, signal);
+    let serving = api::serve(listener, roles, metrics, signal);
     let overdue = async {
         stop.cancelled().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;

@@ -15,7 +15,7 @@ use jobplane::worker::{JobContext, Worker, WorkerHandle};
 use jobplane::{Client, JobSpec, JobState, PoolConfig, PoolRequest, RetryPolicy, WaitMode};
 use jobplane_server::engine::model::EventKind;
 use jobplane_tests::cluster::{wait_health, Cluster, PgServer, TestDatabase, SERVICES};
-use jobplane_tests::guard;
+use jobplane_tests::{guard, one_leads};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -110,10 +110,12 @@ impl SubmitLoad {
         let (count_tx, count) = watch::channel(0usize);
         let count_tx = Arc::new(count_tx);
         let stop = Arc::new(AtomicBool::new(false));
+        let instances: Arc<[String]> = addrs.split(',').map(str::to_owned).collect();
         let mut tasks = Vec::new();
         for t in 0..submitters {
             let client = Client::connect(addrs.to_owned()).await.unwrap();
             let (acked, count_tx, stop) = (acked.clone(), count_tx.clone(), stop.clone());
+            let instances = instances.clone();
             let queue = queue.to_owned();
             tasks.push(tokio::spawn(async move {
                 let mut failures = Vec::new();
@@ -135,8 +137,8 @@ impl SubmitLoad {
                                     "submit {key} kept failing: {e}"
                                 );
                                 failures.push(format!("{:?}: {e}", e.code()));
-                                // Pacing of the retries while the service is unavailable.
-                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                // A leader gone: retry once an instance leads again.
+                                one_leads(&instances).await;
                             }
                         }
                     };

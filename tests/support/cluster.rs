@@ -13,31 +13,19 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
-use futures::StreamExt;
 use jobplane_server::engine::model::EventKind;
 use sqlx::{Connection, PgConnection};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 pub use super::backend::postgres_server;
 use super::backend::PgDatabase;
-use super::{guard, jobplane_bin, strip_ansi};
+use super::{guard, serve_command, strip_ansi};
+pub use super::{wait_health, JOB_SERVICE, SERVICES};
 
 /// Where the PostgreSQL server binaries are (Debian's layout), for [`PgServer`].
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
-/// The job service's name, for health checks.
-pub const JOB_SERVICE: &str = "jobplane.v1.JobService";
-
-/// Every jobplane.v1 service, for health checks.
-pub const SERVICES: [&str; 3] = [
-    JOB_SERVICE,
-    "jobplane.v1.WorkerService",
-    "jobplane.v1.AdminService",
-];
 
 fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
@@ -253,29 +241,11 @@ impl Instance {
         label: &str,
         env: &[(&str, Option<&str>)],
     ) -> Instance {
-        let mut command = tokio::process::Command::new(jobplane_bin());
-        command.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
-        for (k, v) in env {
-            match v {
-                Some(v) => command.env(k, v),
-                None => command.env_remove(k),
-            };
+        let mut env = env.to_vec();
+        if !env.iter().any(|(k, _)| *k == "OTEL_EXPORTER_OTLP_ENDPOINT") {
+            env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", None));
         }
-        let mut child = command
-            .args([
-                "serve",
-                "--db",
-                db_url,
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "off",
-            ])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
+        let mut child = serve_command(db_url, "off", &env)
             .spawn()
             .expect("spawn jobplane serve");
         let log = Log::collect(&mut child);
@@ -433,31 +403,6 @@ impl Cluster {
         wait_health(self.addr(i), JOB_SERVICE, ServingStatus::Serving).await;
         i
     }
-}
-
-/// Waits (on the health Watch stream, no polling) until `service` at `addr` reports `want`.
-pub async fn wait_health(addr: &str, service: &str, want: ServingStatus) {
-    guard(&format!("{service} at {addr} to be {want:?}"), async {
-        let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect for health");
-        let mut stream = HealthClient::new(channel)
-            .watch(HealthCheckRequest {
-                service: service.to_owned(),
-            })
-            .await
-            .expect("health watch")
-            .into_inner();
-        while let Some(msg) = stream.next().await {
-            if msg.expect("health watch message").status() == want {
-                return;
-            }
-        }
-        panic!("the health watch ended before {service} was {want:?}");
-    })
-    .await
 }
 
 /// A PostgreSQL server of the test's own: `initdb` in a temp directory (run as the `postgres`

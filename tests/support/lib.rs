@@ -45,9 +45,12 @@ pub async fn guard<T>(what: &str, f: impl Future<Output = T>) -> T {
     }
 }
 
-/// The `jobplane.v1` services, as the health service names them.
-const SERVICES: [&str; 3] = [
-    "jobplane.v1.JobService",
+/// The job service's name, for health checks.
+pub const JOB_SERVICE: &str = "jobplane.v1.JobService";
+
+/// Every `jobplane.v1` service, as the health service names them.
+pub const SERVICES: [&str; 3] = [
+    JOB_SERVICE,
     "jobplane.v1.WorkerService",
     "jobplane.v1.AdminService",
 ];
@@ -55,7 +58,9 @@ const SERVICES: [&str; 3] = [
 /// Waits (on the health Watch streams, no polling) until the server at `addr` serves every
 /// `jobplane.v1` service (an instance accepts calls once it leads or follows).
 pub async fn wait_serving(addr: &str) {
-    wait_health_of(addr, &SERVICES, "the server to serve jobplane.v1").await
+    for service in SERVICES {
+        wait_health(addr, service, ServingStatus::Serving).await;
+    }
 }
 
 /// Waits (on the health Watch stream, no polling) until the server at `addr` leads: its
@@ -63,40 +68,100 @@ pub async fn wait_serving(addr: &str) {
 /// PostgreSQL it may follow its previous run's record for a moment (until PostgreSQL has ended
 /// that run's session) before it takes the lead and recovers.
 pub async fn wait_leading(addr: &str) {
-    wait_health_of(
+    wait_health(
         addr,
-        &[jobplane_server::api::LEADER_HEALTH],
-        "the server to lead",
+        jobplane_server::api::LEADER_HEALTH,
+        ServingStatus::Serving,
     )
     .await
 }
 
-/// Waits until each of `services` is SERVING on the health Watch stream of `addr`.
-async fn wait_health_of(addr: &str, services: &[&str], what: &str) {
-    guard(what, async {
-        let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
-            .expect("endpoint")
-            .connect()
+/// Waits (on the health Watch stream, with the test's guard) until `service` at `addr` is
+/// `want`.
+pub async fn wait_health(addr: &str, service: &str, want: ServingStatus) {
+    guard(&format!("{service} at {addr} to be {want:?}"), async {
+        let mut statuses = health_watch(addr, service)
             .await
-            .expect("connect for health");
-        for service in services {
-            let mut statuses = tonic_health::pb::health_client::HealthClient::new(channel.clone())
-                .watch(tonic_health::pb::HealthCheckRequest {
-                    service: (*service).to_owned(),
-                })
-                .await
-                .expect("health watch")
-                .into_inner();
-            loop {
-                match statuses.message().await.expect("health watch message") {
-                    Some(s) if s.status() == ServingStatus::Serving => break,
-                    Some(_) => {}
-                    None => panic!("the health watch of {service} ended before it served"),
-                }
+            .unwrap_or_else(|e| panic!("health watch of {service} at {addr}: {e}"));
+        while let Some(msg) = statuses.message().await.expect("health watch message") {
+            if msg.status() == want {
+                return;
             }
         }
+        panic!("the health watch ended before {service} was {want:?}");
     })
     .await
+}
+
+/// Resolves once one of `addrs` leads (its `jobplane.leader` health entry is SERVING), passing
+/// over instances that cannot be reached: the event a client retrying through a fail-over
+/// waits for. Returns at once if none can be reached.
+pub async fn one_leads(addrs: &[String]) {
+    let watches = addrs.iter().map(|addr| {
+        Box::pin(async move {
+            let mut statuses = health_watch(addr, jobplane_server::api::LEADER_HEALTH).await?;
+            while let Some(msg) = statuses.message().await? {
+                if msg.status() == ServingStatus::Serving {
+                    return Ok(());
+                }
+            }
+            Err("the health watch ended".into())
+        })
+    });
+    let _: Result<_, Box<dyn std::error::Error + Send + Sync>> =
+        futures::future::select_ok(watches).await;
+}
+
+/// A health Watch stream of `service` at `addr`.
+async fn health_watch(
+    addr: &str,
+    service: &str,
+) -> Result<
+    tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())?
+        .connect()
+        .await?;
+    Ok(tonic_health::pb::health_client::HealthClient::new(channel)
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await?
+        .into_inner())
+}
+
+/// `jobplane serve --db DB --listen 127.0.0.1:0 --metrics-listen METRICS`, logging at `info`
+/// without colours to piped output, killed when dropped, with `env` set (`Some`) or removed
+/// (`None`).
+pub fn serve_command(
+    db: &str,
+    metrics: &str,
+    env: &[(&str, Option<&str>)],
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(jobplane_bin());
+    command
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            metrics,
+            "--db",
+            db,
+        ])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (name, value) in env {
+        match value {
+            Some(v) => command.env(name, v),
+            None => command.env_remove(name),
+        };
+    }
+    command
 }
 
 /// A server running in this process.
@@ -386,28 +451,7 @@ impl ServerProcess {
         env: &[(&str, Option<&str>)],
         own_db: Option<backend::PgDatabase>,
     ) -> ServerProcess {
-        let mut command = tokio::process::Command::new(jobplane_bin());
-        for (name, value) in env {
-            match value {
-                Some(v) => command.env(name, v),
-                None => command.env_remove(name),
-            };
-        }
-        let mut child = command
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--db",
-                db,
-            ])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
+        let mut child = serve_command(db, "127.0.0.1:0", env)
             .spawn()
             .expect("spawn jobplane serve");
         let stderr = child.stderr.take().expect("stderr");

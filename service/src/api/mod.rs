@@ -27,15 +27,12 @@ const MAX_MESSAGE: usize = 64 << 20;
 
 /// Serves every service on `listener` until `signal` resolves, then shuts down gracefully.
 /// The `jobplane.v1` services follow `roles` (served from this instance's engine while it
-/// leads, forwarded to the leader otherwise); health (`health`, whose reporter `roles` holds),
+/// leads, forwarded to the leader otherwise); health (as `roles` reports it),
 /// reflection and metrics are local. Every call's duration and error code are recorded in
 /// `metrics`, and every call has a span (exported when trace export is on).
 pub async fn serve(
     listener: TcpListener,
     roles: Arc<Roles>,
-    health: tonic_health::pb::health_server::HealthServer<
-        impl tonic_health::pb::health_server::Health,
-    >,
     metrics: Arc<Metrics>,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -58,6 +55,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| ServeError::Config(format!("reflection: {e}")))?;
+    let health = tonic_health::pb::health_server::HealthServer::new(roles.health_service());
     let (jobs, workers, admin) = switch::services(&roles);
 
     // Small messages (acks, assignments) must not wait for Nagle's algorithm.

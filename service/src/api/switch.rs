@@ -96,10 +96,10 @@ pub struct Roles {
 
 impl Roles {
     /// Starts down ("starting"); health is set by the first role.
-    pub fn new(health: HealthReporter) -> Arc<Roles> {
+    pub fn new() -> Arc<Roles> {
         Arc::new(Roles {
             current: RwLock::new(Arc::new(Role::Down("starting".to_owned()))),
-            health,
+            health: HealthReporter::new(),
             upstream_failed: tokio::sync::Notify::new(),
             settled: tokio::sync::watch::Sender::new(false),
         })
@@ -117,6 +117,11 @@ impl Roles {
         if let Role::Follower(up) = &*old {
             up.gone.cancel();
         }
+    }
+
+    /// The health service, reporting what the roles set.
+    pub(super) fn health_service(&self) -> tonic_health::server::HealthService {
+        tonic_health::server::HealthService::from_health_reporter(self.health.clone())
     }
 
     async fn set_health(&self, serving: bool) {
@@ -460,9 +465,8 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let reporter = HealthReporter::new();
-        let health = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
-        let roles = Roles::new(reporter);
+        let roles = Roles::new();
+        let health = roles.health_service();
         assert!(roles
             .follow(&format!("http://127.0.0.1:{port}"))
             .await

@@ -189,26 +189,15 @@ pub trait Store: Send + Sync + 'static {
 
 /// Opens the store named by a URL: `sqlite://PATH` (created if missing), `sqlite::memory:`, or
 /// `postgres://…` / `postgresql://…` (see [`postgres::PostgresStore::open`] for its parameters).
-///
-/// The future is boxed as `Send` here, where its type is concrete: left to be inferred inside
-/// callers' futures, sqlx's migration futures defeat the compiler's proof that they are `Send`
-/// (`Acquire` "is not general enough"), and embedders could not spawn the service.
-pub fn open(url: &str) -> futures::future::BoxFuture<'static, Result<Arc<dyn Store>, StoreError>> {
-    let url = url.to_owned();
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
-        Box::pin(
-            async move { Ok(Arc::new(sqlite::SqliteStore::open(&url).await?) as Arc<dyn Store>) },
-        )
+        Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Box::pin(async move {
-            Ok(Arc::new(postgres::PostgresStore::open(&url).await?) as Arc<dyn Store>)
-        })
+        Ok(Arc::new(postgres::PostgresStore::open(url).await?))
     } else {
-        Box::pin(async move {
-            Err(StoreError::Config(format!(
-                "unsupported database URL {url:?}: expected sqlite://PATH or postgres://HOST/DATABASE"
-            )))
-        })
+        Err(StoreError::Config(format!(
+            "unsupported database URL {url:?}: expected sqlite://PATH or postgres://HOST/DATABASE"
+        )))
     }
 }
 

@@ -85,10 +85,14 @@ impl SqliteStore {
             .max_lifetime(None)
             .connect_with(opts.clone())
             .await?;
+        // `run_direct` on a connection: `run`'s `Acquire` bound defeats the compiler's proof
+        // that the service's futures are `Send`.
+        let mut conn = writer.acquire().await?;
         MIGRATOR
-            .run(&writer)
+            .run_direct(&mut *conn)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migrations: {e}")))?;
+        drop(conn);
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
